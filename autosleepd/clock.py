@@ -1,0 +1,78 @@
+"""Time, passed in: the supervisor reads the clock and sets timers only through a ``Clock``.
+
+``LoopClock`` is the event loop's monotonic clock. ``ManualClock`` moves only when a test calls
+``advance``, so a five-minute idle window is tested in microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from typing import Callable, Protocol
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer: ...
+
+
+class LoopClock:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self._loop = loop or asyncio.get_running_loop()
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        return self._loop.call_at(when, callback)
+
+
+class _ManualTimer:
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[], None] | None):
+        self.callback = callback
+
+    def cancel(self) -> None:
+        self.callback = None
+
+
+class ManualClock:
+    def __init__(self, start: float = 1000.0):
+        self._now = start
+        self._timers: list[tuple[float, int, _ManualTimer]] = []
+        self._order = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        timer = _ManualTimer(callback)
+        heapq.heappush(self._timers, (when, next(self._order), timer))
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward, firing every timer that falls due, in order."""
+        target = self._now + seconds
+        while self._timers and self._timers[0][0] <= target:
+            when, _, timer = heapq.heappop(self._timers)
+            self._now = max(self._now, when)
+            if timer.callback is not None:
+                callback, timer.callback = timer.callback, None
+                callback()
+        self._now = target
+
+
+async def sleep_until(clock: Clock, when: float) -> None:
+    future = asyncio.get_running_loop().create_future()
+    timer = clock.call_at(when, lambda: future.done() or future.set_result(None))
+    try:
+        await future
+    finally:
+        timer.cancel()

@@ -1,0 +1,272 @@
+"""The one configuration object, built and validated from the environment at start.
+
+Every setting is an ``AUTOSLEEPD_*`` variable. A bad value raises ``ConfigError`` naming the
+variable, the value and what was expected; the command line turns that into exit status 2.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+PREFIX = "AUTOSLEEPD_"
+
+# vLLM's development-mode paths (see the sleep contract): a client must never reach them.
+CONTROL_PATHS = frozenset({
+    "/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_prefix_cache",
+    "/reset_mm_cache", "/reset_encoder_cache", "/pause", "/resume", "/is_paused",
+    "/abort_requests", "/init_weight_transfer_engine", "/start_weight_update",
+    "/start_draft_weight_update", "/update_weights", "/finish_weight_update",
+    "/update_weight_version", "/weight_info", "/get_world_size", "/server_info",
+    "/start_profile", "/stop_profile", "/scale_elastic_ep", "/is_scaling_elastic_ep",
+})
+
+# Paths that never touch the engine core: served in any state, never activity.
+PASSIVE_PATHS = frozenset({
+    "/health", "/ping", "/version", "/metrics", "/load", "/v1/models",
+    "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect",
+})
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("auto", "json", "console")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable, the value and the rule."""
+
+    def __init__(self, name: str, value: str, expected: str):
+        super().__init__(f"{name}={value!r} is invalid: expected {expected}")
+        self.name = name
+
+
+def parse_duration(text: str) -> float:
+    """``300``, ``2.5``, ``250ms``, ``30s``, ``5m``, ``1h`` -> seconds. Raises ValueError."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise ValueError(text)
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(text)
+    return seconds
+
+
+@dataclass(frozen=True)
+class Config:
+    upstream: str = "http://127.0.0.1:8000"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    idle_timeout: float = 300.0          # 0 turns autosleep off
+    sleep_level: int = 1
+    wake_timeout: float = 120.0          # longest a held request waits
+    max_queue: int = 1024
+    admin_token: str | None = None
+    log_level: str = "info"
+    log_format: str = "auto"
+    log_requests: bool = False
+    sleep_timeout: float = 300.0         # one /sleep call (a first level-1 sleep of 32B took 45 s)
+    drain_timeout: float = 30.0          # a manual sleep waits this long for in-flight work
+    shutdown_timeout: float = 30.0       # in-flight work may finish this long after SIGTERM
+    probe_interval: float = 30.0         # how often the engine's real state is re-read
+    connect_timeout: float = 5.0         # opening a connection to the engine
+    max_body_size: int = 0               # request body limit in bytes; 0: none
+    passive_paths: frozenset[str] = PASSIVE_PATHS
+    blocked_paths: frozenset[str] = CONTROL_PATHS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Config":
+        read = _Reader(env)
+        extra_passive = read.get("PASSIVE_PATHS", frozenset(), _paths)
+        extra_blocked = read.get("BLOCKED_PATHS", frozenset(), _paths)
+        config = cls(
+            upstream=read.get("UPSTREAM", cls.upstream, _upstream_url),
+            host=read.get("HOST", cls.host, _nonempty),
+            port=read.get("PORT", cls.port, _port),
+            idle_timeout=read.get("IDLE_TIMEOUT", cls.idle_timeout, _duration),
+            sleep_level=read.get("SLEEP_LEVEL", cls.sleep_level, _choice_int(1, 2)),
+            wake_timeout=read.get("WAKE_TIMEOUT", cls.wake_timeout, _positive_duration),
+            max_queue=read.get("MAX_QUEUE", cls.max_queue, _int_at_least(0)),
+            admin_token=read.get("ADMIN_TOKEN", None, _token),
+            log_level=read.get("LOG_LEVEL", cls.log_level, _choice(_LOG_LEVELS)),
+            log_format=read.get("LOG_FORMAT", cls.log_format, _choice(_LOG_FORMATS)),
+            log_requests=read.get("LOG_REQUESTS", cls.log_requests, _bool),
+            sleep_timeout=read.get("SLEEP_TIMEOUT", cls.sleep_timeout, _positive_duration),
+            drain_timeout=read.get("DRAIN_TIMEOUT", cls.drain_timeout, _duration),
+            shutdown_timeout=read.get("SHUTDOWN_TIMEOUT", cls.shutdown_timeout, _duration),
+            probe_interval=read.get("PROBE_INTERVAL", cls.probe_interval, _positive_duration),
+            connect_timeout=read.get("CONNECT_TIMEOUT", cls.connect_timeout, _positive_duration),
+            max_body_size=read.get("MAX_BODY_SIZE", cls.max_body_size, _size),
+            passive_paths=(PASSIVE_PATHS | extra_passive) - extra_blocked,
+            blocked_paths=CONTROL_PATHS | extra_blocked,
+        )
+        overlap = extra_passive & CONTROL_PATHS
+        if overlap:
+            raise ConfigError(PREFIX + "PASSIVE_PATHS", env[PREFIX + "PASSIVE_PATHS"],
+                              f"no vLLM control path (found {', '.join(sorted(overlap))})")
+        return config
+
+    @property
+    def autosleep(self) -> bool:
+        return self.idle_timeout > 0
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]):
+        self._env = env
+
+    def get(self, key: str, default: T, parse: Callable[[str], T]) -> T:
+        name = PREFIX + key
+        raw = self._env.get(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except _Invalid as invalid:
+            raise ConfigError(name, raw, invalid.expected) from None
+
+
+class _Invalid(Exception):
+    def __init__(self, expected: str):
+        self.expected = expected
+
+
+def _duration(raw: str) -> float:
+    try:
+        return parse_duration(raw)
+    except ValueError:
+        raise _Invalid("a duration such as 300, 2.5, 250ms, 30s, 5m or 1h") from None
+
+
+def _positive_duration(raw: str) -> float:
+    seconds = _duration(raw)
+    if seconds <= 0:
+        raise _Invalid("a duration above zero, such as 250ms, 30s or 2m")
+    return seconds
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise _Invalid(f"a whole number of at least {low}") from None
+        if value < low:
+            raise _Invalid(f"a whole number of at least {low}")
+        return value
+    return parse
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise _Invalid("a port number from 0 to 65535")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise _Invalid("one of " + ", ".join(options))
+        return value
+    return parse
+
+
+def _choice_int(*options: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        if raw.strip() not in {str(o) for o in options}:
+            raise _Invalid("one of " + ", ".join(map(str, options)))
+        return int(raw)
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _Invalid("true or false (1/0, yes/no, on/off)")
+
+
+def _nonempty(raw: str) -> str:
+    if not raw.strip():
+        raise _Invalid("a non-empty value")
+    return raw.strip()
+
+
+def _token(raw: str) -> str | None:
+    if not raw:
+        return None
+    if raw != raw.strip() or any(ord(c) < 33 for c in raw):
+        raise _Invalid("a token without spaces or control characters")
+    return raw
+
+
+def _upstream_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    try:
+        parts.port  # raises on a malformed port
+    except ValueError:
+        raise _Invalid("an http:// or https:// URL such as http://127.0.0.1:8000") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise _Invalid("an http:// or https:// URL such as http://127.0.0.1:8000")
+    return url
+
+
+def _paths(raw: str) -> frozenset[str]:
+    paths = [p.strip() for p in raw.split(",") if p.strip()]
+    if not all(p.startswith("/") and " " not in p for p in paths):
+        raise _Invalid("a comma-separated list of paths that start with /")
+    return frozenset(normalize_path(p) for p in paths)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(|b|kib|mib|gib|kb|mb|gb)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``1048576``, ``512KiB``, ``20MiB``, ``80GiB``, ``1GB`` -> bytes. Raises ValueError."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(text)
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _size(raw: str) -> int:
+    try:
+        return parse_size(raw)
+    except ValueError:
+        raise _Invalid("a size in bytes, or with a unit such as 512KiB, 20MiB, 1GiB") from None
+
+
+def normalize_path(path: str) -> str:
+    """The form a path is classified in: no repeated or trailing slashes, no dot segments.
+
+    vLLM's router would match ``//sleep`` or ``/v1/../sleep`` after its own normalisation, so
+    the proxy classifies the normalised path to keep such spellings from slipping through.
+    """
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "/" + "/".join(segments)

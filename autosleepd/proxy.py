@@ -1,0 +1,179 @@
+"""The request path: classify, ask the supervisor, forward with bodies streamed both ways.
+
+The proxy knows nothing about sleeping beyond ``admit``/``release``: a control path is refused,
+a passive path is forwarded in any state, and work is forwarded once the supervisor admits it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .config import Config, normalize_path
+from .supervisor import Refused, Supervisor
+
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
+
+
+def error_response(status: int, message: str, kind: str, code: str,
+                   retry_after: int | None = None) -> web.Response:
+    """An OpenAI-shaped error, so SDKs and gateways show the message."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json",
+                        headers=headers)
+
+
+def _forward_headers(headers, extra_hop: frozenset[str]) -> CIMultiDict:
+    out = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in _NOT_FORWARDED and lower not in extra_hop:
+            out.add(name, value)
+    return out
+
+
+def _connection_tokens(headers) -> frozenset[str]:
+    """Headers named in Connection are hop-by-hop too."""
+    value = headers.get("Connection")
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(","))
+
+
+class Proxy:
+    def __init__(self, config: Config, supervisor: Supervisor):
+        self.config = config
+        self.supervisor = supervisor
+        self._session: aiohttp.ClientSession | None = None
+        self._log = structlog.get_logger("autosleepd.proxy")
+        self.observer = None   # metrics: .proxied(kind, status)
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
+            auto_decompress=False,               # bytes pass through exactly as vLLM sent them
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def classify(self, path: str) -> str:
+        normal = normalize_path(path)
+        if normal in self.config.blocked_paths:
+            return "blocked"
+        if normal in self.config.passive_paths:
+            return "passive"
+        return "work"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        kind = self.classify(request.path)
+        started = time.monotonic() if self.config.log_requests else 0.0
+        response = await self._handle(request, kind)
+        if self.observer is not None:
+            self.observer.proxied(kind, response.status)
+        if self.config.log_requests:
+            self._log.info("request", method=request.method, path=request.path, kind=kind,
+                           status=response.status, seconds=round(time.monotonic() - started, 4))
+        return response
+
+    async def _handle(self, request: web.Request, kind: str) -> web.StreamResponse:
+        if kind == "blocked":
+            return error_response(403, f"{request.path} is a vLLM control endpoint; clients may "
+                                  "not call it through autosleepd (use /autosleepd/ instead)",
+                                  "forbidden", "blocked_path")
+        too_large = self._body_too_large(request)
+        if too_large is not None:
+            return too_large
+        if kind == "passive":
+            return await self._forward(request)
+        return await self._forward_work(request)
+
+    async def _forward_work(self, request: web.Request) -> web.StreamResponse:
+        until = self.supervisor.now() + self.config.wake_timeout
+        while True:
+            try:
+                await self.supervisor.admit(until=until)
+            except Refused as refused:
+                return error_response(refused.status, refused.message, "service_unavailable"
+                                      if refused.status == 503 else "bad_gateway",
+                                      refused.reason, refused.retry_after)
+            try:
+                return await self._forward(request)
+            except _NotConnected as failure:
+                # Nothing reached the engine, so the request is held again until it is back.
+                self.supervisor.engine_unreachable(str(failure))
+            finally:
+                self.supervisor.release()
+
+    def _body_too_large(self, request: web.Request) -> web.Response | None:
+        limit = self.config.max_body_size
+        if limit and request.content_length is not None and request.content_length > limit:
+            return error_response(413, f"the request body of {request.content_length} bytes is "
+                                  f"over the limit of {limit} bytes (AUTOSLEEPD_MAX_BODY_SIZE)",
+                                  "invalid_request_error", "body_too_large")
+        return None
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        headers = _forward_headers(request.headers, _connection_tokens(request.headers))
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        headers["X-Forwarded-For"] = request.remote or ""
+        headers["X-Forwarded-Proto"] = request.scheme
+        if request.host:
+            headers["X-Forwarded-Host"] = request.host
+        data = self._request_body(request)
+        try:
+            upstream = await self._session.request(
+                request.method, self.config.upstream + request.raw_path, headers=headers,
+                data=data, allow_redirects=False, compress=None)
+        except aiohttp.ClientConnectorError as error:
+            raise _NotConnected(error) from None
+        except (aiohttp.ClientError, TimeoutError) as error:
+            self._log.warning("upstream_failed", path=request.path, error=repr(error))
+            return error_response(502, f"the engine failed before answering: {error!r}",
+                                  "bad_gateway", "upstream_failed")
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                          headers=_forward_headers(
+                                              upstream.headers, _connection_tokens(upstream.headers)))
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    # The engine broke off mid-answer: end the client's connection without the
+                    # final chunk, so it sees an error rather than a clean but truncated end.
+                    self._log.warning("upstream_broke_mid_response", path=request.path,
+                                      error=repr(error))
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                if not chunk:
+                    break
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    @staticmethod
+    def _request_body(request: web.Request):
+        return request.content if request.body_exists else None
+
+
+class _NotConnected(Exception):
+    pass

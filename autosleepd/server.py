@@ -1,0 +1,103 @@
+"""The daemon's lifecycle, like uvicorn's Server: start, serve, shut down.
+
+Shutting down stops accepting, answers held requests (503), lets in-flight work finish within
+AUTOSLEEPD_SHUTDOWN_TIMEOUT, then closes. ``serve_forever`` takes the first SIGTERM/SIGINT as a
+request to shut down gracefully and a second as an order to exit at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import structlog
+from aiohttp import web
+
+from .admin import Admin
+from .clock import Clock, LoopClock
+from .config import Config
+from .engine import EngineClient
+from .proxy import Proxy
+from .supervisor import Supervisor
+
+
+class Autosleepd:
+    def __init__(self, config: Config, clock: Clock | None = None):
+        self.config = config
+        self._clock = clock
+        self._log = structlog.get_logger("autosleepd")
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        self.engine = EngineClient(config.upstream, config.connect_timeout)
+        await self.engine.start()
+        self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock())
+        self.proxy = Proxy(config, self.supervisor)
+        await self.proxy.start()
+        self.admin = Admin(self.supervisor, config.admin_token, config.sleep_level)
+        app = web.Application()
+        app.add_routes(self.admin.routes())
+        app.router.add_route("*", "/{path:.*}", self.proxy.handle)
+        # handler_cancellation: a client that goes away cancels its handler, which takes it out
+        # of the queue or closes its upstream request (so vLLM aborts the generation).
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, config.host, config.port)
+        try:
+            await self._site.start()
+        except OSError:
+            await self._close_clients()
+            raise
+        self.port = self._runner.addresses[0][1]
+        self._control = asyncio.create_task(self.supervisor.run(), name="autosleepd-control")
+        self._log.info("listening", host=config.host, port=self.port, upstream=config.upstream,
+                       idle_timeout_s=config.idle_timeout, sleep_level=config.sleep_level)
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+        return f"http://{host}:{self.port}"
+
+    async def shutdown(self) -> None:
+        self._log.info("shutting_down", in_flight=self.supervisor.in_flight,
+                       queued=self.supervisor.queued)
+        await self._site.stop()                 # no new connections
+        self.supervisor.close()                 # held requests get 503, new ones too
+        drained = await self.supervisor.wait_drained(self.config.shutdown_timeout)
+        if not drained:
+            self._log.warning("shutdown_timeout", in_flight=self.supervisor.in_flight)
+        self._control.cancel()
+        await asyncio.gather(self._control, return_exceptions=True)
+        await self._runner.cleanup()
+        await self._close_clients()
+        self._log.info("stopped")
+
+    async def _close_clients(self) -> None:
+        await self.proxy.close()
+        await self.engine.close()
+
+    async def serve_forever(self) -> int:
+        """Run until a signal (exit 0) or a failure of the control loop (exit 1)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                self._log.warning("forced_exit", signal=signal.Signals(signum).name)
+                os._exit(1)
+            self._log.info("signal", signal=signal.Signals(signum).name)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, self._control}, return_when=asyncio.FIRST_COMPLETED)
+        if self._control.done() and not stop.is_set():
+            error = self._control.exception() if not self._control.cancelled() else None
+            self._log.error("control_loop_failed", error=repr(error), exc_info=error)
+            stopping.cancel()
+            return 1
+        await self.shutdown()
+        return 0

@@ -1,0 +1,417 @@
+"""A vLLM stand-in that follows the sleep contract (``shared/vllm-sleep-contract.md``).
+
+It answers the control endpoints with their query-string parameters, OpenAI completions and chat
+completions (plain and streamed at a set token rate), and the passive endpoints. It behaves as
+vLLM does when misused (a request to a sleeping engine crashes it or hangs; a plain wake after a
+level-2 sleep answers garbage) and counts every such contract violation, so tests can assert that
+autosleepd committed none.
+
+Its answers are deterministic: ``expected_text(prompt, max_tokens)`` is what a healthy engine
+says, so a test can tell a right answer from garbage or from someone else's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+CONTROL_ENDPOINTS = (
+    "/reset_mm_cache", "/reset_encoder_cache", "/pause", "/resume", "/is_paused",
+    "/abort_requests", "/init_weight_transfer_engine", "/start_weight_update",
+    "/start_draft_weight_update", "/update_weights", "/finish_weight_update",
+    "/update_weight_version", "/weight_info", "/get_world_size", "/server_info",
+    "/start_profile", "/stop_profile", "/scale_elastic_ep", "/is_scaling_elastic_ep",
+)
+WORK_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+VERSION = "0.26.0+autosleepd.sim"
+
+
+def expected_text(prompt: str, max_tokens: int) -> str:
+    """What a healthy engine answers: the prompt's words, cycled to ``max_tokens`` tokens."""
+    words = prompt.split() or ["empty"]
+    return "".join(" " + words[i % len(words)] for i in range(max_tokens))
+
+
+@dataclass
+class SimSettings:
+    model: str = "sim-model"
+    load_seconds: float = 0.0       # before the port accepts connections
+    sleep_seconds: float = 0.0      # a /sleep call
+    wake_seconds: float = 0.0       # a /wake_up call (each tag call takes it in full)
+    reload_seconds: float = 0.0     # collective_rpc reload_weights
+    token_seconds: float = 0.0      # between two generated tokens
+    asleep_behaviour: str = "hang"  # what a request to a sleeping engine gets: "hang" or "crash"
+    dev_mode: bool = True           # VLLM_SERVER_DEV_MODE=1: the control endpoints exist
+    sleep_mode: bool = True         # --enable-sleep-mode
+    dummy_weights: bool = False     # --load-format dummy: reload_weights fails
+    sleep_state_metric: bool = True  # vllm:engine_sleep_state in /metrics (vLLM >= Nov 2025)
+
+
+@dataclass
+class Fault:
+    status: int = 500
+    body: str = '{"error": {"message": "injected failure", "type": "InternalServerError", "code": 500}}'
+    hang: bool = False              # never answer (until the engine is killed)
+
+
+@dataclass
+class SimStats:
+    violations: collections.Counter = field(default_factory=collections.Counter)
+    calls: collections.Counter = field(default_factory=collections.Counter)
+    served: int = 0                 # work requests answered correctly
+    garbage: int = 0                # work requests answered with garbage
+    aborted_by_client: int = 0      # work requests whose client went away mid-way
+    aborted_by_sleep: int = 0       # requests aborted by /sleep mode=abort
+    log: list = field(default_factory=list)   # (monotonic time, method, path, asleep)
+
+    def as_dict(self) -> dict:
+        return {"violations": dict(self.violations), "violation_total": sum(self.violations.values()),
+                "calls": dict(self.calls), "served": self.served, "garbage": self.garbage,
+                "aborted_by_client": self.aborted_by_client, "aborted_by_sleep": self.aborted_by_sleep}
+
+
+class SimulatedEngine:
+    """One simulated vLLM server. ``start()`` listens (after ``load_seconds``); ``kill()`` dies."""
+
+    def __init__(self, settings: SimSettings | None = None, host: str = "127.0.0.1", port: int = 0):
+        self.settings = settings or SimSettings()
+        self.host = host
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.port = self._sock.getsockname()[1]
+        self.stats = SimStats()
+        self.faults: dict[str, collections.deque[Fault]] = collections.defaultdict(collections.deque)
+        self._runner: web.AppRunner | None = None
+        self._reset_engine()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # ----- engine state ----------------------------------------------------------------------
+
+    def _reset_engine(self) -> None:
+        self.asleep_tags: set[str] = set()
+        self.level: int | None = None
+        self.weights_valid = True
+        self.weights_reloaded = True    # after a level-2 sleep: reload_weights was called
+        self.dead = False
+        self.paused = False             # /sleep received: the scheduler takes no new work
+        self._awake = asyncio.Event()
+        self._awake.set()
+        self._in_flight: set[asyncio.Task] = set()   # every work request, waiting or running
+        self._running: set[asyncio.Task] = set()     # those past the scheduler (engine awake)
+        self._aborted: set[asyncio.Task] = set()
+        self._hung: list[asyncio.Future] = []
+
+    @property
+    def sleeping(self) -> bool:
+        return bool(self.asleep_tags)
+
+    def fail_next(self, path: str, times: int = 1, **fault) -> None:
+        """The next ``times`` calls of ``path`` fail as ``Fault(**fault)`` says."""
+        for _ in range(times):
+            self.faults[path].append(Fault(**fault))
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.settings.load_seconds:
+            await asyncio.sleep(self.settings.load_seconds)   # the model loads; port refuses
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_route("*", "/{path:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        sock = self._sock.dup()
+        await web.SockSite(self._runner, sock).start()
+
+    async def kill(self) -> None:
+        """Die like a killed process: connections cut, port closed, state forgotten."""
+        for task in list(self._in_flight):
+            task.cancel()
+        for future in self._hung:
+            future.cancel()
+        if self._runner is not None:
+            for conn in list(self._runner.server.connections if self._runner.server else []):
+                if conn.transport is not None:
+                    conn.transport.abort()
+            await self._runner.cleanup()
+            self._runner = None
+        self._reset_engine()
+
+    async def restart(self) -> None:
+        await self.kill()
+        await self.start()
+
+    async def close(self) -> None:
+        await self.kill()
+        self._sock.close()
+
+    # ----- dispatch --------------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        self.stats.calls[path] += 1
+        self.stats.log.append((time.monotonic(), request.method, path, self.sleeping or self.paused))
+        if path.startswith("/sim/"):
+            return await self._sim_endpoint(request)
+        if self.faults.get(path):
+            fault = self.faults[path].popleft()
+            if fault.hang:
+                future = asyncio.get_running_loop().create_future()
+                self._hung.append(future)
+                await future
+            return web.Response(status=fault.status, text=fault.body, content_type="application/json")
+        if self.dead:
+            if path in ("/health", "/ping"):
+                return web.Response(status=503)
+            return _error(500, "EngineDeadError: the engine core died", "InternalServerError")
+        handler = self._routes().get((request.method, path))
+        if handler is None:
+            if path in CONTROL_ENDPOINTS and self.settings.dev_mode:
+                return web.json_response({})
+            return web.json_response({"detail": "Not Found"}, status=404)
+        return await handler(request)
+
+    def _routes(self) -> dict:
+        routes = {
+            ("GET", "/health"): self._health, ("GET", "/ping"): self._health,
+            ("POST", "/ping"): self._health,
+            ("GET", "/version"): self._version, ("GET", "/v1/models"): self._models,
+            ("GET", "/metrics"): self._metrics, ("GET", "/load"): self._load,
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/chat/completions"): self._completions,
+        }
+        if self.settings.dev_mode:
+            routes.update({
+                ("POST", "/sleep"): self._sleep, ("POST", "/wake_up"): self._wake_up,
+                ("GET", "/is_sleeping"): self._is_sleeping,
+                ("POST", "/collective_rpc"): self._collective_rpc,
+                ("POST", "/reset_prefix_cache"): self._reset_prefix_cache,
+            })
+        return routes
+
+    # ----- passive endpoints -----------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": VERSION})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.settings.model, "object": "model", "owned_by": "vllm", "root": self.settings.model}]})
+
+    async def _load(self, request: web.Request) -> web.Response:
+        return web.json_response({"server_load": len(self._in_flight)})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        lines = ["# HELP vllm:num_requests_running Number of requests in model execution batches.",
+                 "# TYPE vllm:num_requests_running gauge",
+                 f'vllm:num_requests_running{{engine="0",model_name="{self.settings.model}"}} '
+                 f"{float(len(self._in_flight))}"]
+        if self.settings.sleep_state_metric:
+            current = {None: "awake", 1: "weights_offloaded", 2: "discard_all"}[self.level]
+            lines += ["# HELP vllm:engine_sleep_state Engine sleep state.",
+                      "# TYPE vllm:engine_sleep_state gauge"]
+            for state in ("awake", "weights_offloaded", "discard_all"):
+                lines.append(f'vllm:engine_sleep_state{{engine="0",model_name="{self.settings.model}",'
+                             f'sleep_state="{state}"}} {1.0 if state == current else 0.0}')
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    # ----- control endpoints -----------------------------------------------------------------
+
+    async def _is_sleeping(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": self.sleeping})
+
+    async def _sleep(self, request: web.Request) -> web.Response:
+        if request.can_read_body and await request.read():
+            self.stats.violations["sleep_params_in_body"] += 1   # vLLM ignores a body
+        level = int(request.query.get("level", "1"))
+        mode = request.query.get("mode", "abort")
+        if level not in (0, 1, 2) or mode not in ("abort", "wait", "keep"):
+            return _error(400, f"invalid level {level} or mode {mode}", "BadRequestError")
+        if not self.settings.sleep_mode:
+            return _error(500, "Sleep mode is not enabled in the model config", "InternalServerError")
+        if self.sleeping:
+            self.stats.violations["sleep_while_asleep"] += 1
+            if mode == "abort":
+                self._abort_all()
+            return web.Response(status=200)
+        self.paused = True
+        if mode == "abort":
+            self._abort_all()
+        self._awake.clear()   # the scheduler is paused: new work waits
+        if mode == "wait":
+            while self._running:
+                await asyncio.wait(set(self._running))
+        await asyncio.sleep(self.settings.sleep_seconds)
+        if level == 0:
+            return web.Response(status=200)   # paused only; /wake_up resumes
+        self.level = level
+        self.asleep_tags = {"weights", "kv_cache"}
+        if level == 2:
+            self.weights_valid = False
+            self.weights_reloaded = False
+        return web.Response(status=200)
+
+    async def _wake_up(self, request: web.Request) -> web.Response:
+        tags = set(request.query.getall("tags", [])) or {"weights", "kv_cache", "scheduling"}
+        if not tags <= {"weights", "kv_cache", "scheduling"}:
+            return _error(400, f"unknown tags {sorted(tags)}", "BadRequestError")
+        if self.sleeping:
+            if self.level == 2 and "kv_cache" in tags:
+                if "weights" in self.asleep_tags and "weights" not in tags:
+                    self.stats.violations["kv_cache_before_weights"] += 1
+                if not self.weights_reloaded:
+                    self.stats.violations["level2_wake_without_reload"] += 1
+            await asyncio.sleep(self.settings.wake_seconds)
+            self.asleep_tags -= tags
+        if not self.asleep_tags:
+            self.level = None
+            self.paused = False
+            self._awake.set()
+        return web.Response(status=200)
+
+    async def _collective_rpc(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            method = body["method"]
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "invalid JSON or missing method", "BadRequestError")
+        if method != "reload_weights":
+            return web.json_response({"results": [None]})
+        if self.settings.dummy_weights:
+            return _error(500, "Model reloading with `dummy` format", "InternalServerError")
+        if "weights" in self.asleep_tags:
+            return _error(500, "cannot reload weights into sleeping memory", "InternalServerError")
+        await asyncio.sleep(self.settings.reload_seconds)
+        self.weights_valid = True
+        self.weights_reloaded = True
+        return web.json_response({"results": [None]})
+
+    async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
+        return web.json_response({"success": True})
+
+    def _abort_all(self) -> None:
+        for task in list(self._in_flight):
+            self.stats.aborted_by_sleep += 1
+            self._aborted.add(task)
+            task.cancel()
+
+    # ----- work ------------------------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            prompt, max_tokens, stream = _parse_completion(request.path, body)
+        except (ValueError, KeyError, TypeError) as error:
+            return _error(400, f"invalid request: {error}", "BadRequestError")
+        task = asyncio.current_task()
+        arrived_asleep = self.sleeping or self.paused
+        if arrived_asleep:
+            self.stats.violations["request_while_asleep"] += 1
+            if self.settings.asleep_behaviour == "crash":
+                self.dead = True   # CUDA illegal memory access: the engine core is gone
+                return _error(500, "CUDA error: an illegal memory access was encountered",
+                              "InternalServerError")
+        self._in_flight.add(task)
+        try:
+            response = None
+            if stream:   # v0.17+: a stream gets its 200 even from a sleeping engine
+                response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                       "Cache-Control": "no-cache"})
+                await response.prepare(request)
+            await self._awake.wait()
+            self._running.add(task)
+            if response is not None:
+                return await self._stream(request, response, prompt, max_tokens)
+            text = await self._generate(prompt, max_tokens)
+            return web.json_response(_completion_body(request.path, self.settings.model, text, "length"))
+        except asyncio.CancelledError:
+            if task not in self._aborted:
+                self.stats.aborted_by_client += 1
+            raise
+        finally:
+            self._in_flight.discard(task)
+            self._running.discard(task)
+            self._aborted.discard(task)
+
+    async def _generate(self, prompt: str, max_tokens: int) -> str:
+        for _ in range(max_tokens):
+            if self.settings.token_seconds:
+                await asyncio.sleep(self.settings.token_seconds)
+        return self._answer(prompt, max_tokens)
+
+    def _answer(self, prompt: str, max_tokens: int) -> str:
+        if self.weights_valid:
+            self.stats.served += 1
+            return expected_text(prompt, max_tokens)
+        self.stats.garbage += 1
+        return " !!" * max_tokens
+
+    async def _stream(self, request: web.Request, response: web.StreamResponse, prompt: str,
+                      max_tokens: int) -> web.StreamResponse:
+        text = expected_text(prompt, max_tokens) if self.weights_valid else " !!" * max_tokens
+        words = text.split(" ")[1:]
+        for i, word in enumerate(words):
+            if self.settings.token_seconds:
+                await asyncio.sleep(self.settings.token_seconds)
+            chunk = _completion_body(request.path, self.settings.model, " " + word,
+                                     "length" if i == len(words) - 1 else None, delta=True)
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        self._answer(prompt, max_tokens)
+        await response.write_eof()
+        return response
+
+    # ----- the simulator's own endpoints (for tests that run it in another process) ----------
+
+    async def _sim_endpoint(self, request: web.Request) -> web.Response:
+        if request.path == "/sim/stats":
+            return web.json_response({**self.stats.as_dict(), "sleeping": self.sleeping,
+                                      "level": self.level, "dead": self.dead})
+        if request.path == "/sim/fault" and request.method == "POST":
+            spec = await request.json()
+            self.fail_next(spec.pop("path"), spec.pop("times", 1), **spec)
+            return web.json_response({"ok": True})
+        return web.json_response({"detail": "Not Found"}, status=404)
+
+
+def _parse_completion(path: str, body: dict) -> tuple[str, int, bool]:
+    if path.endswith("/chat/completions"):
+        messages = body["messages"]
+        prompt = str(messages[-1]["content"])
+    else:
+        prompt = body["prompt"]
+        if isinstance(prompt, list):
+            prompt = " ".join(map(str, prompt))
+    max_tokens = int(body.get("max_tokens", 16))
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    return str(prompt), max_tokens, bool(body.get("stream", False))
+
+
+def _completion_body(path: str, model: str, text: str, finish: str | None, delta: bool = False) -> dict:
+    if path.endswith("/chat/completions"):
+        key, content = ("delta", {"content": text}) if delta else ("message", {"role": "assistant", "content": text})
+        choice = {"index": 0, key: content, "finish_reason": finish}
+        kind = "chat.completion.chunk" if delta else "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish}
+        kind = "text_completion"
+    return {"id": "cmpl-sim", "object": kind, "created": int(time.time()), "model": model,
+            "choices": [choice]}
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "param": None,
+                                        "code": status}}, status=status)

@@ -1,0 +1,549 @@
+"""The one owner of the engine's state.
+
+Every rule lives here: the states, the transitions allowed between them (``TRANSITIONS``), and
+the one control loop (``run``) that decides, from events, when to probe, sleep or wake. The proxy
+only calls ``admit``/``release`` and waits; the admin endpoints only place orders. Nothing else
+changes the state, so no decision is ever taken on a stale view (llama-swap #946).
+
+Activity is exactly two numbers: ``in_flight`` (admitted work not yet finished, a stream until its
+last byte) and the queue of held requests. A held client that goes away leaves the queue and
+leaves no trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from .clock import Clock
+from .config import Config
+from .engine import EngineError, EngineUnreachable, SleepUnsupported
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    AWAKE = "awake"
+    FALLING_ASLEEP = "falling_asleep"
+    ASLEEP = "asleep"
+    WAKING = "waking"
+    UNAVAILABLE = "unavailable"
+
+
+S = State
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.STARTING: frozenset({S.AWAKE, S.ASLEEP}),
+    S.AWAKE: frozenset({S.FALLING_ASLEEP, S.ASLEEP, S.UNAVAILABLE}),
+    S.FALLING_ASLEEP: frozenset({S.ASLEEP, S.AWAKE, S.UNAVAILABLE}),
+    S.ASLEEP: frozenset({S.WAKING, S.AWAKE, S.UNAVAILABLE}),
+    S.WAKING: frozenset({S.AWAKE, S.ASLEEP, S.UNAVAILABLE}),
+    S.UNAVAILABLE: frozenset({S.AWAKE, S.ASLEEP}),
+}
+
+# Re-reading an unreachable engine: quick at first (a restart is often fast), then every second.
+UNREACHABLE_BACKOFF = (0.05, 1.0)
+# Retrying a failed wake within the wake timeout.
+WAKE_RETRY_BACKOFF = (0.25, 5.0)
+PROBE_TIMEOUT = 10.0
+
+
+class Engine(Protocol):
+    async def is_sleeping(self, timeout: float = ...) -> bool: ...
+    async def sleep_level(self, timeout: float = ...) -> int | None: ...
+    async def sleep(self, level: int, timeout: float) -> None: ...
+    async def wake(self, level: int, timeout: float) -> None: ...
+
+
+class Observer(Protocol):
+    """What the supervisor reports as it goes (metrics); every method is optional to act on."""
+
+    def transition(self, old: State, new: State, reason: str, seconds: float) -> None: ...
+    def slept(self, level: int, reason: str, seconds: float) -> None: ...
+    def woke(self, level: int, reason: str, seconds: float) -> None: ...
+    def released(self, held_seconds: float) -> None: ...
+    def refused(self, reason: str) -> None: ...
+
+
+class Refused(Exception):
+    """Work that cannot be served; the proxy turns it into an OpenAI-shaped error."""
+
+    STATUS = {"queue_full": 503, "wake_timeout": 503, "shutting_down": 503,
+              "engine_unavailable": 502}
+    RETRY_AFTER = {"queue_full": 1, "wake_timeout": 10, "shutting_down": 5,
+                   "engine_unavailable": 5}
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.status = self.STATUS[reason]
+        self.retry_after = self.RETRY_AFTER[reason]
+
+
+class OrderFailed(Exception):
+    """A manual sleep or wake that could not be carried out."""
+
+
+class _HoldExpired(Exception):
+    pass
+
+
+@dataclass
+class _Hold:
+    work: bool            # False for a manual wake: it waits, but is not a request in flight
+    since: float
+
+
+@dataclass
+class _SleepOrder:
+    level: int
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class Stats:
+    sleeps: int = 0
+    wakes: int = 0
+    sleep_failures: int = 0
+    wake_failures: int = 0
+    last_sleep_seconds: float | None = None
+    last_wake_seconds: float | None = None
+    last_error: str | None = None
+
+
+class Supervisor:
+    def __init__(self, config: Config, engine: Engine, clock: Clock,
+                 observer: Observer | None = None):
+        self.config = config
+        self._engine = engine
+        self._clock = clock
+        self._observer = observer
+        self._log = structlog.get_logger("autosleepd.supervisor")
+        self.state = State.STARTING
+        self.in_flight = 0
+        self.sleep_supported = True
+        self.asleep_level: int | None = None
+        self.stats = Stats()
+        self._held: dict[asyncio.Future, _Hold] = {}
+        self._queued = 0                      # holds that are work (the rest are manual wakes)
+        self._sleep_order: _SleepOrder | None = None
+        self._entered_at = clock.now()
+        self._last_work_end = clock.now()
+        self._next_probe = clock.now()
+        self._unreachable_delay = UNREACHABLE_BACKOFF[0]
+        self._changed = asyncio.Event()
+        self._transitioned = asyncio.Event()
+        self._closing = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    # ----- what the proxy calls -------------------------------------------------------------
+
+    async def admit(self, until: float | None = None) -> None:
+        """Return once this work may reach the engine (counted in flight); raise ``Refused``.
+
+        A held request waits at most the wake timeout, and never past ``until`` (clock time).
+        """
+        if self.state is State.AWAKE and not self._closing:
+            self._count_in()
+            return
+        if self._closing:
+            raise self._refuse("shutting_down", "autosleepd is shutting down")
+        if self._queued >= self.config.max_queue:
+            raise self._refuse("queue_full", f"{self._queued} requests are already waiting for "
+                               f"the engine (AUTOSLEEPD_MAX_QUEUE={self.config.max_queue})")
+        try:
+            await self._hold(work=True, until=until)
+        except _HoldExpired:
+            if self.state in (State.STARTING, State.UNAVAILABLE):
+                raise self._refuse("engine_unavailable", "the engine at "
+                                   f"{self.config.upstream} did not answer within "
+                                   f"{self.config.wake_timeout:g}s") from None
+            raise self._refuse("wake_timeout", f"the engine did not wake within "
+                               f"{self.config.wake_timeout:g}s (state: {self.state.value})") from None
+
+    def release(self) -> None:
+        """Admitted work has ended (last byte sent, or the client went away)."""
+        self.in_flight -= 1
+        self._last_work_end = self._clock.now()
+        if self.in_flight == 0:
+            self._drained.set()
+            self._changed.set()
+
+    def engine_unreachable(self, detail: str) -> None:
+        """The proxy could not connect: stop sending work and re-read the engine at once."""
+        if self.state is State.AWAKE:
+            self._enter(State.UNAVAILABLE, "connect_failed", detail=detail)
+            self._next_probe = self._clock.now()
+            self._changed.set()
+
+    # ----- what the admin endpoints call ----------------------------------------------------
+
+    async def order_sleep(self, level: int) -> None:
+        """Drain, then sleep at ``level``; returns once asleep. Raises ``OrderFailed``."""
+        if not self.sleep_supported:
+            raise OrderFailed("the engine has no sleep endpoints (is vLLM started with "
+                              "VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode?)")
+        if self.state is State.ASLEEP:
+            if self.asleep_level == level:
+                return
+            raise OrderFailed(f"the engine already sleeps at level {self.asleep_level}; "
+                              "wake it before sleeping at another level")
+        if self.state in (State.STARTING, State.UNAVAILABLE):
+            raise OrderFailed(f"the engine is {self.state.value}")
+        if self._sleep_order is not None:
+            if self._sleep_order.level != level:
+                raise OrderFailed(f"a sleep at level {self._sleep_order.level} is already under way")
+            order = self._sleep_order
+        else:
+            order = self._sleep_order = _SleepOrder(level)
+            self._changed.set()
+        await asyncio.shield(order.done)
+
+    async def order_wake(self) -> None:
+        """Wake the engine; returns once awake. Raises ``OrderFailed``."""
+        if self.state is State.AWAKE:
+            return
+        try:
+            await self._hold(work=False)
+        except _HoldExpired:
+            raise OrderFailed(f"the engine did not wake within {self.config.wake_timeout:g}s "
+                              f"(state: {self.state.value})") from None
+
+    # ----- reading ---------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def idle_seconds(self) -> float:
+        if self.in_flight or self._queued:
+            return 0.0
+        return max(0.0, self._clock.now() - self._last_work_end)
+
+    def status(self) -> dict:
+        s = self.stats
+        return {
+            "state": self.state.value,
+            "state_seconds": round(self._clock.now() - self._entered_at, 3),
+            "sleep_level": self.asleep_level if self.state is State.ASLEEP else self.config.sleep_level,
+            "sleep_supported": self.sleep_supported,
+            "autosleep": self.config.autosleep,
+            "idle_timeout_seconds": self.config.idle_timeout,
+            "idle_seconds": round(self.idle_seconds(), 3),
+            "in_flight": self.in_flight,
+            "queued": self._queued,
+            "upstream": self.config.upstream,
+            "sleeps": s.sleeps,
+            "wakes": s.wakes,
+            "sleep_failures": s.sleep_failures,
+            "wake_failures": s.wake_failures,
+            "last_sleep_seconds": s.last_sleep_seconds,
+            "last_wake_seconds": s.last_wake_seconds,
+            "last_error": s.last_error,
+        }
+
+    async def wait_for(self, *states: State, timeout: float) -> None:
+        """For tests and tooling: wait (real time) until the state is one of ``states``."""
+        async with asyncio.timeout(timeout):
+            while self.state not in states:
+                await self._transitioned.wait()
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The control loop: every probe, sleep and wake is decided and carried out here."""
+        while not self._closing:
+            self._changed.clear()
+            step, deadline = self._next_step()
+            if step is None:
+                await self._wait(deadline)
+            else:
+                await step()
+
+    async def wait_drained(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._drained.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        """Stop admitting; answer every held request. In-flight work is left to finish."""
+        self._closing = True
+        for future in list(self._held):
+            if not future.done():
+                future.set_exception(Refused("shutting_down", "autosleepd is shutting down"))
+        if self._sleep_order and not self._sleep_order.done.done():
+            self._sleep_order.done.set_exception(OrderFailed("autosleepd is shutting down"))
+        self._changed.set()
+
+    # ----- the policy ------------------------------------------------------------------------
+
+    def _next_step(self):
+        """What the control loop does next: (coroutine function, None) or (None, wake-up time)."""
+        now = self._clock.now()
+        state = self.state
+        if state in (State.STARTING, State.UNAVAILABLE):
+            self._fail_sleep_order(f"the engine is {state.value}")
+            return (self._probe, None) if now >= self._next_probe else (None, self._next_probe)
+        if state is State.ASLEEP:
+            if self._held:
+                return self._wake, None
+            if self._sleep_order is not None:
+                self._settle_sleep_order_asleep()
+        if state is State.AWAKE:
+            if self._sleep_order is not None:
+                order = self._sleep_order
+                return (lambda: self._fall_asleep(order.level, "manual", order)), None
+            idle_at = self._idle_deadline()
+            if idle_at is not None and now >= idle_at:
+                return (lambda: self._fall_asleep(self.config.sleep_level, "idle", None)), None
+            if now >= self._next_probe:
+                return self._probe, None
+            return None, min(self._next_probe, idle_at if idle_at is not None else self._next_probe)
+        if now >= self._next_probe:
+            return self._probe, None
+        return None, self._next_probe
+
+    def _idle_deadline(self) -> float | None:
+        if not (self.config.autosleep and self.sleep_supported) or self.in_flight or self._held:
+            return None
+        return self._last_work_end + self.config.idle_timeout
+
+    # ----- transitions (run only by the control loop) ----------------------------------------
+
+    async def _read_engine(self) -> bool | EngineError:
+        """``is_sleeping`` as the engine says it, or the error that kept it from saying."""
+        try:
+            return await self._engine.is_sleeping(timeout=PROBE_TIMEOUT)
+        except SleepUnsupported as error:
+            self._sleep_unsupported(error)
+            return False
+        except EngineError as error:
+            return error
+
+    async def _probe(self) -> None:
+        """Re-read the engine's real state and follow it."""
+        sleeping = await self._read_engine()
+        if isinstance(sleeping, EngineError):
+            self._engine_down(sleeping)
+            return
+        self._unreachable_delay = UNREACHABLE_BACKOFF[0]
+        self._next_probe = self._clock.now() + self.config.probe_interval
+        if sleeping and self.state is not State.ASLEEP:
+            level = None
+            try:
+                level = await self._engine.sleep_level(timeout=PROBE_TIMEOUT)
+            except EngineError:
+                pass
+            if level is None:
+                level = self.asleep_level or self.config.sleep_level
+                self._log.warning("sleep_level_unknown", assumed_level=level,
+                                  hint="vLLM has no vllm:engine_sleep_state metric")
+            self.asleep_level = level
+            self._enter(State.ASLEEP, "found_asleep")
+        elif not sleeping and self.state is not State.AWAKE:
+            self._last_work_end = self._clock.now()   # the idle window starts when seen awake
+            self._enter(State.AWAKE, "found_awake")
+
+    def _engine_down(self, error: EngineError) -> None:
+        self.stats.last_error = str(error)
+        if self.state is not State.STARTING and self.state is not State.UNAVAILABLE:
+            self._enter(State.UNAVAILABLE, "probe_failed", error=str(error))
+        elif isinstance(error, EngineUnreachable):
+            self._log.debug("engine_not_reachable", error=str(error))
+        else:
+            self._log.warning("engine_probe_failed", error=str(error))
+        self._next_probe = self._clock.now() + self._unreachable_delay
+        self._unreachable_delay = min(self._unreachable_delay * 2, UNREACHABLE_BACKOFF[1])
+
+    def _sleep_unsupported(self, error: EngineError) -> None:
+        if self.sleep_supported:
+            self.sleep_supported = False
+            self.stats.last_error = str(error)
+            self._log.error("sleep_unsupported", error=str(error),
+                            hint="start vLLM with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode; "
+                                 "autosleepd keeps proxying without sleeping")
+
+    async def _fall_asleep(self, level: int, reason: str, order: _SleepOrder | None) -> None:
+        self._enter(State.FALLING_ASLEEP, reason, sleep_level=level)
+        started = self._clock.now()
+        if self.in_flight:
+            drain_end = started + self.config.drain_timeout
+            while self.in_flight and self._clock.now() < drain_end and not self._closing:
+                self._changed.clear()
+                await self._wait(drain_end)
+            if self.in_flight:
+                self._sleep_order = None
+                self._enter(State.AWAKE, "drain_timeout", in_flight=self.in_flight)
+                self._settle(order, OrderFailed(f"{self.in_flight} requests were still in flight "
+                                                f"after {self.config.drain_timeout:g}s"))
+                return
+        try:
+            await self._engine.sleep(level, timeout=self.config.sleep_timeout)
+        except EngineError as error:
+            self._sleep_order = None
+            self.stats.sleep_failures += 1
+            self.stats.last_error = str(error)
+            self._log.error("sleep_failed", sleep_level=level, reason=reason, error=str(error))
+            if isinstance(error, SleepUnsupported):
+                self._sleep_unsupported(error)
+            await self._probe()
+            if self.state is State.FALLING_ASLEEP:   # the probe could not tell: assume awake
+                self._enter(State.AWAKE, "sleep_failed")
+            self._last_work_end = self._clock.now()   # try again only after another idle window
+            self._settle(order, OrderFailed(f"the sleep call failed: {error}"))
+            return
+        seconds = self._clock.now() - started
+        self._sleep_order = None
+        self.asleep_level = level
+        self.stats.sleeps += 1
+        self.stats.last_sleep_seconds = round(seconds, 3)
+        self._enter(State.ASLEEP, reason, sleep_level=level)
+        if self._observer:
+            self._observer.slept(level, reason, seconds)
+        self._settle(order, None)
+
+    async def _wake(self) -> None:
+        level = self.asleep_level or self.config.sleep_level
+        reason = "request" if self._queued else "manual"
+        self._enter(State.WAKING, reason, sleep_level=level)
+        started = self._clock.now()
+        delay = WAKE_RETRY_BACKOFF[0]
+        while True:
+            try:
+                await self._engine.wake(level, timeout=self.config.wake_timeout)
+                if await self._engine.is_sleeping(timeout=PROBE_TIMEOUT):
+                    raise EngineError("the engine still reports is_sleeping=true after the wake")
+            except EngineError as error:
+                self.stats.wake_failures += 1
+                self.stats.last_error = str(error)
+                self._log.error("wake_failed", sleep_level=level, error=str(error))
+                sleeping = await self._read_engine()
+                if isinstance(sleeping, EngineError):
+                    self._engine_down(sleeping)
+                    return
+                if not sleeping:
+                    break   # the engine is awake after all
+                if not self._held or self._closing:
+                    self._enter(State.ASLEEP, "wake_failed")
+                    return
+                self._changed.clear()
+                await self._wait(self._clock.now() + delay)
+                delay = min(delay * 2, WAKE_RETRY_BACKOFF[1])
+                if not self._held:
+                    self._enter(State.ASLEEP, "wake_abandoned")
+                    return
+                continue
+            break
+        seconds = self._clock.now() - started
+        self.stats.wakes += 1
+        self.stats.last_wake_seconds = round(seconds, 3)
+        self.asleep_level = None
+        self._last_work_end = self._clock.now()
+        self._enter(State.AWAKE, reason, sleep_level=level)
+        if self._observer:
+            self._observer.woke(level, reason, seconds)
+
+    # ----- mechanics -------------------------------------------------------------------------
+
+    def _enter(self, new: State, reason: str, **details) -> None:
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise AssertionError(f"transition {old.value} -> {new.value} is not allowed")
+        now = self._clock.now()
+        seconds = now - self._entered_at
+        self.state, self._entered_at = new, now
+        self._log.info("transition", from_state=old.value, to_state=new.value, reason=reason,
+                       duration_s=round(seconds, 4), **details)
+        if self._observer:
+            self._observer.transition(old, new, reason, seconds)
+        if new is State.AWAKE:
+            self._release_held()
+        self._transitioned.set()
+        self._transitioned = asyncio.Event()
+
+    def _release_held(self) -> None:
+        now = self._clock.now()
+        held, self._held, self._queued = self._held, {}, 0
+        for future, hold in held.items():   # dicts keep arrival order
+            if future.done():
+                continue
+            if hold.work:
+                self._count_in()
+                if self._observer:
+                    self._observer.released(now - hold.since)
+            future.set_result(None)
+
+    def _count_in(self) -> None:
+        self.in_flight += 1
+        self._drained.clear()
+
+    async def _hold(self, work: bool, until: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        now = self._clock.now()
+        deadline = now + self.config.wake_timeout
+        if until is not None:
+            deadline = min(deadline, until)
+        self._held[future] = _Hold(work, now)
+        self._queued += work
+        timer = self._clock.call_at(deadline,
+                                    lambda: future.done() or future.set_exception(_HoldExpired()))
+        self._changed.set()
+        try:
+            await future
+        except asyncio.CancelledError:
+            # The client went away. If it had just been let in, give its place back.
+            if work and future.done() and not future.cancelled() and future.exception() is None:
+                self.release()
+            raise
+        finally:
+            timer.cancel()
+            if self._held.pop(future, None) is not None:
+                self._queued -= work
+                self._changed.set()
+
+    async def _wait(self, deadline: float | None) -> None:
+        timer = None
+        if deadline is not None:
+            timer = self._clock.call_at(deadline, self._changed.set)
+        try:
+            await self._changed.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _refuse(self, reason: str, message: str) -> Refused:
+        if self._observer:
+            self._observer.refused(reason)
+        return Refused(reason, message)
+
+    def _fail_sleep_order(self, message: str) -> None:
+        if self._sleep_order is not None:
+            order, self._sleep_order = self._sleep_order, None
+            self._settle(order, OrderFailed(message))
+
+    def _settle_sleep_order_asleep(self) -> None:
+        order, self._sleep_order = self._sleep_order, None
+        if order.level == self.asleep_level:
+            self._settle(order, None)
+        else:
+            self._settle(order, OrderFailed(f"the engine sleeps at level {self.asleep_level}"))
+
+    @staticmethod
+    def _settle(order: _SleepOrder | None, error: Exception | None) -> None:
+        if order is None or order.done.done():
+            return
+        if error is None:
+            order.done.set_result(None)
+        else:
+            order.done.set_exception(error)
