@@ -42,7 +42,10 @@ class Autosleepd:
         app.router.add_route("*", "/{path:.*}", self.proxy.handle)
         # handler_cancellation: a client that goes away cancels its handler, which takes it out
         # of the queue or closes its upstream request (so vLLM aborts the generation).
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # shutdown_timeout: our own drain has already waited; this only lets the handlers of
+        # answered requests finish writing.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, config.host, config.port)
         try:

@@ -82,14 +82,20 @@ class SimulatedEngine:
     def __init__(self, settings: SimSettings | None = None, host: str = "127.0.0.1", port: int = 0):
         self.settings = settings or SimSettings()
         self.host = host
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
+        self._sock = self._bind(port)
         self.port = self._sock.getsockname()[1]
         self.stats = SimStats()
         self.faults: dict[str, collections.deque[Fault]] = collections.defaultdict(collections.deque)
         self._runner: web.AppRunner | None = None
         self._reset_engine()
+
+    def _bind(self, port: int) -> socket.socket:
+        # Bound now so the port is known, but listening only once "loaded": until then a
+        # connection is refused, as with a vLLM that is still starting.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, port))
+        return sock
 
     @property
     def url(self) -> str:
@@ -129,8 +135,7 @@ class SimulatedEngine:
         app.router.add_route("*", "/{path:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        sock = self._sock.dup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, self._sock).start()
 
     async def kill(self) -> None:
         """Die like a killed process: connections cut, port closed, state forgotten."""
@@ -142,8 +147,9 @@ class SimulatedEngine:
             for conn in list(self._runner.server.connections if self._runner.server else []):
                 if conn.transport is not None:
                     conn.transport.abort()
-            await self._runner.cleanup()
+            await self._runner.cleanup()   # closes the listening socket
             self._runner = None
+            self._sock = self._bind(self.port)
         self._reset_engine()
 
     async def restart(self) -> None:
