@@ -1,0 +1,84 @@
+"""Configuration from the environment: the documented defaults, units, and strict errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from autosleepd.config import Config, ConfigError, parse_duration, parse_size
+
+
+def test_defaults_are_the_documented_ones():
+    config = Config.from_env({})
+    assert config.upstream == "http://127.0.0.1:8000"
+    assert (config.host, config.port) == ("0.0.0.0", 8080)
+    assert config.idle_timeout == 300 and config.sleep_level == 1
+    assert config.wake_timeout == 120 and config.max_queue == 1024
+    assert config.admin_token is None and config.autosleep
+    assert (config.log_level, config.log_format) == ("info", "auto")
+
+
+@pytest.mark.parametrize("text, seconds", [("300", 300), ("2.5", 2.5), ("250ms", 0.25),
+                                           ("30s", 30), ("5m", 300), ("1h", 3600), ("0", 0)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text, size", [("1048576", 2**20), ("512KiB", 512 * 2**10),
+                                        ("80GiB", 80 * 2**30), ("1GB", 10**9)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_everything_can_be_set():
+    config = Config.from_env({
+        "AUTOSLEEPD_UPSTREAM": "http://vllm:8000/", "AUTOSLEEPD_HOST": "127.0.0.1",
+        "AUTOSLEEPD_PORT": "9000", "AUTOSLEEPD_IDLE_TIMEOUT": "0", "AUTOSLEEPD_SLEEP_LEVEL": "2",
+        "AUTOSLEEPD_WAKE_TIMEOUT": "30s", "AUTOSLEEPD_MAX_QUEUE": "5",
+        "AUTOSLEEPD_ADMIN_TOKEN": "s3cret", "AUTOSLEEPD_LOG_LEVEL": "DEBUG",
+        "AUTOSLEEPD_LOG_FORMAT": "json", "AUTOSLEEPD_LOG_REQUESTS": "yes",
+        "AUTOSLEEPD_PASSIVE_PATHS": "/tokenize, /detokenize", "AUTOSLEEPD_BLOCKED_PATHS": "/v1/embeddings",
+        "AUTOSLEEPD_MAX_BODY_SIZE": "10MiB",
+    })
+    assert config.upstream == "http://vllm:8000" and config.port == 9000
+    assert not config.autosleep and config.sleep_level == 2 and config.wake_timeout == 30
+    assert config.log_level == "debug" and config.log_requests
+    assert {"/tokenize", "/detokenize", "/health"} <= config.passive_paths
+    assert "/v1/embeddings" in config.blocked_paths and "/sleep" in config.blocked_paths
+    assert config.max_body_size == 10 * 2**20
+
+
+@pytest.mark.parametrize("name, value", [
+    ("AUTOSLEEPD_IDLE_TIMEOUT", "5 minutes"), ("AUTOSLEEPD_IDLE_TIMEOUT", "-1"),
+    ("AUTOSLEEPD_WAKE_TIMEOUT", "0"), ("AUTOSLEEPD_WAKE_TIMEOUT", "inf"),
+    ("AUTOSLEEPD_SLEEP_LEVEL", "3"), ("AUTOSLEEPD_SLEEP_LEVEL", "one"),
+    ("AUTOSLEEPD_PORT", "80800"), ("AUTOSLEEPD_PORT", "http"),
+    ("AUTOSLEEPD_MAX_QUEUE", "-5"), ("AUTOSLEEPD_MAX_QUEUE", "1e3"),
+    ("AUTOSLEEPD_UPSTREAM", "localhost:8000"), ("AUTOSLEEPD_UPSTREAM", "ftp://x"),
+    ("AUTOSLEEPD_UPSTREAM", "http://host:port"), ("AUTOSLEEPD_LOG_LEVEL", "loud"),
+    ("AUTOSLEEPD_LOG_FORMAT", "xml"), ("AUTOSLEEPD_LOG_REQUESTS", "maybe"),
+    ("AUTOSLEEPD_ADMIN_TOKEN", "has space"), ("AUTOSLEEPD_PASSIVE_PATHS", "health"),
+    ("AUTOSLEEPD_PASSIVE_PATHS", "/sleep"), ("AUTOSLEEPD_MAX_BODY_SIZE", "lots"),
+])
+def test_a_bad_value_names_the_variable_and_the_value(name, value):
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({name: value})
+    assert error.value.name == name
+    assert name in str(error.value) and repr(value) in str(error.value)
+    assert "expected" in str(error.value)
+
+
+@pytest.mark.parametrize("name, value", [("AUTOSLEEPD_IDLE_TIMEOUT", "soon"),
+                                         ("AUTOSLEEPD_SLEEP_LEVEL", "7")])
+def test_autosleepd_exits_2_with_one_line_naming_the_variable_before_listening(name, value):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
+    env.update({name: value, "AUTOSLEEPD_PORT": "1"})   # port 1: listening would fail differently
+    result = subprocess.run([sys.executable, "-m", "autosleepd"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and repr(value) in lines[0], result.stderr
+    assert result.stdout == ""

@@ -1,0 +1,135 @@
+"""The daemon as users run it: a real ``python -m autosleepd`` process, signals and all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+from autosleepd.sim import expected_text
+
+from .conftest import completion
+
+
+class Daemon:
+    def __init__(self, process: asyncio.subprocess.Process, port: int):
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+        self.lines: list[dict] = []
+
+    async def read_log_until_exit(self) -> int:
+        async for raw in self.process.stderr:
+            self.lines.append(json.loads(raw))
+        return await self.process.wait()
+
+
+@pytest.fixture
+async def start_daemon():
+    started: list[Daemon] = []
+
+    async def start(upstream: str, **env) -> Daemon:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
+        environ.update({"AUTOSLEEPD_UPSTREAM": upstream, "AUTOSLEEPD_HOST": "127.0.0.1",
+                        "AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_LOG_FORMAT": "json", **env})
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "autosleepd", env=environ, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            while True:
+                line = json.loads(await process.stderr.readline())
+                if line["event"] == "listening":
+                    break
+        daemon = Daemon(process, line["port"])
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.returncode is None:
+            daemon.process.kill()
+            await daemon.process.wait()
+
+
+async def wait_state(http, daemon: Daemon, state: str) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            async with http.get(daemon.url + "/autosleepd/status") as response:
+                if (await response.json())["state"] == state:
+                    return
+            await asyncio.sleep(0.01)
+
+
+async def test_sigterm_lets_a_running_stream_finish_then_exits_0(make_sim, start_daemon, http):
+    sim = await make_sim(token_seconds=0.03)
+    daemon = await start_daemon(sim.url)
+    await wait_state(http, daemon, "awake")
+    async with http.post(daemon.url + "/v1/completions",
+                         json=completion("finish me", 20, stream=True)) as response:
+        await response.content.readline()
+        daemon.process.send_signal(signal.SIGTERM)
+        body = await response.read()
+    texts = [json.loads(line[6:])["choices"][0]["text"]
+             for line in body.split(b"\n") if line.startswith(b"data: {")]
+    assert "".join(texts) == expected_text("finish me", 20)[len(" finish"):]
+    assert await asyncio.wait_for(daemon.read_log_until_exit(), 10) == 0
+    assert [line["event"] for line in daemon.lines][-1] == "stopped"
+
+
+async def test_sigterm_answers_held_requests_with_503(make_sim, start_daemon, http):
+    sim = await make_sim()
+    daemon = await start_daemon(sim.url)
+    await wait_state(http, daemon, "awake")
+    async with http.post(daemon.url + "/autosleepd/sleep") as response:
+        assert response.status == 200
+    sim.fail_next("/wake_up", hang=True)
+    held = asyncio.create_task(http.post(daemon.url + "/v1/completions", json=completion()))
+    await wait_state(http, daemon, "waking")
+    daemon.process.send_signal(signal.SIGTERM)
+    response = await held
+    assert response.status == 503 and response.headers["Retry-After"]
+    assert (await response.json())["error"]["code"] == "shutting_down"
+    assert await asyncio.wait_for(daemon.read_log_until_exit(), 10) == 0
+
+
+async def test_a_second_signal_exits_at_once(make_sim, start_daemon, http):
+    sim = await make_sim(token_seconds=0.05)
+    daemon = await start_daemon(sim.url, AUTOSLEEPD_SHUTDOWN_TIMEOUT="60s")
+    await wait_state(http, daemon, "awake")
+    response = await http.post(daemon.url + "/v1/completions",
+                               json=completion("endless", 100_000, stream=True))
+    await response.content.readline()
+    daemon.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.2)   # the pace of a person pressing Ctrl-C twice
+    daemon.process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(daemon.read_log_until_exit(), 10) == 1
+    assert daemon.lines[-1]["event"] == "forced_exit"
+    response.close()
+
+
+async def test_logs_are_one_json_event_per_line_with_transitions_and_durations(make_sim, start_daemon, http):
+    sim = await make_sim(sleep_seconds=0.1)
+    daemon = await start_daemon(sim.url, AUTOSLEEPD_IDLE_TIMEOUT="100ms")
+    await wait_state(http, daemon, "asleep")
+    daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(daemon.read_log_until_exit(), 10) == 0
+    transitions = [line for line in daemon.lines if line["event"] == "transition"]
+    assert [(t["from_state"], t["to_state"], t["reason"]) for t in transitions] == [
+        ("starting", "awake", "found_awake"), ("awake", "falling_asleep", "idle"),
+        ("falling_asleep", "asleep", "idle")]
+    assert transitions[-1]["duration_s"] >= 0.1 and transitions[-1]["sleep_level"] == 1
+    assert all({"timestamp", "level"} <= line.keys() for line in daemon.lines)
+
+
+async def test_a_port_in_use_is_a_clear_error(make_sim):
+    sim = await make_sim()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
+    environ.update({"AUTOSLEEPD_UPSTREAM": sim.url, "AUTOSLEEPD_HOST": "127.0.0.1",
+                    "AUTOSLEEPD_PORT": str(sim.port)})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "autosleepd", env=environ, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{sim.port}" in stderr.decode()
