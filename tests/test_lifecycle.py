@@ -133,3 +133,26 @@ async def test_a_port_in_use_is_a_clear_error(make_sim):
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 1
     assert f"cannot listen on 127.0.0.1:{sim.port}" in stderr.decode()
+
+
+async def test_the_demo_shows_a_sleep_and_a_wake():
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
+    environ.update({"AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_IDLE_TIMEOUT": "200ms",
+                    "AUTOSLEEPD_LOG_FORMAT": "json"})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "autosleepd", "demo", env=environ,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    said = []
+    async with asyncio.timeout(30):
+        async for line in process.stdout:
+            said.append(line.decode())
+            if "the tour is over" in said[-1]:
+                break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 0
+    answers = [line for line in said if line.startswith("demo: ") and ": 200 in " in line]
+    assert len(answers) == 2 and "hello from the demo" in answers[1]
+    events = [json.loads(line) for line in stderr.decode().splitlines()]
+    moves = [(e["from_state"], e["to_state"]) for e in events if e["event"] == "transition"]
+    assert ("falling_asleep", "asleep") in moves and ("waking", "awake") in moves

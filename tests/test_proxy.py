@@ -334,3 +334,20 @@ async def test_without_sleep_mode_a_failed_sleep_leaves_it_serving(make_sim, mak
     assert server.supervisor.state is State.AWAKE
     assert (await post_completion(http, server.url))[0] == 200
     assert "Sleep mode is not enabled" in server.supervisor.status()["last_error"]
+
+
+async def test_an_engine_killed_mid_stream_ends_the_client_s_stream_with_an_error(
+        make_sim, make_proxy, http):
+    sim = await make_sim(token_seconds=0.02)
+    server = await make_proxy(sim.url)
+    async with http.post(server.url + "/v1/completions",
+                         json=completion("doomed", 1000, stream=True)) as response:
+        await response.content.readline()
+        await sim.kill()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(response.read(), 5)   # an error, not a hang or a clean end
+    await eventually(lambda: server.supervisor.in_flight == 0)
+    later = asyncio.create_task(post_completion(http, server.url, "after the crash"))
+    await sim.start()
+    status, body = await later
+    assert status == 200 and body["choices"][0]["text"] == expected_text("after the crash", 4)
