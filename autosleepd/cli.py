@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 
-from . import __version__, log
+from . import __version__, control, log
 from .config import Config, ConfigError, parse_duration
 from .server import Autosleepd
 from .sim import SimSettings, SimulatedEngine
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "serve"
     if command == "sim":
         return _run_sim(args)
+    if command in ("status", "sleep", "wake"):
+        return control.run(command, args, os.environ)
     try:
         config = Config.from_env(os.environ)
         if command == "demo":
@@ -46,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the simulator with autosleepd in front of it "
                                             "and show a sleep and a wake")
     demo.add_argument("--no-tour", action="store_true", help="serve only; send no requests")
+    for name, help_text in (("status", "show a running instance's state"),
+                            ("sleep", "put the engine to sleep now (drains first)"),
+                            ("wake", "wake the engine now")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--url", help="the instance (default: $AUTOSLEEPD_URL, else built from "
+                                       "AUTOSLEEPD_HOST and AUTOSLEEPD_PORT)")
+        sub.add_argument("--json", action="store_true", help="print the raw JSON status")
+        if name == "sleep":
+            sub.add_argument("--level", type=int, choices=(1, 2),
+                             help="sleep level (default: the instance's AUTOSLEEPD_SLEEP_LEVEL)")
     sim = commands.add_parser("sim", help="run the vLLM simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)

@@ -55,7 +55,7 @@ class Proxy:
         self.supervisor = supervisor
         self._session: aiohttp.ClientSession | None = None
         self._log = structlog.get_logger("autosleepd.proxy")
-        self.observer = None   # metrics: .proxied(kind, status)
+        self.observer = None   # metrics: .request(kind, status)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -83,7 +83,7 @@ class Proxy:
         started = time.monotonic() if self.config.log_requests else 0.0
         response = await self._handle(request, kind)
         if self.observer is not None:
-            self.observer.proxied(kind, response.status)
+            self.observer.request(kind, response.status)
         if self.config.log_requests:
             self._log.info("request", method=request.method, path=request.path, kind=kind,
                            status=response.status, seconds=round(time.monotonic() - started, 4))

@@ -18,14 +18,18 @@ from .admin import Admin
 from .clock import Clock, LoopClock
 from .config import Config
 from .engine import EngineClient
+from .memory import GpuReader, open_nvml
+from .metrics import Metrics
+from .notify import SystemdNotifier
 from .proxy import Proxy
 from .supervisor import Supervisor
 
 
 class Autosleepd:
-    def __init__(self, config: Config, clock: Clock | None = None):
+    def __init__(self, config: Config, clock: Clock | None = None, gpu: GpuReader | None = None):
         self.config = config
         self._clock = clock
+        self._gpu = gpu
         self._log = structlog.get_logger("autosleepd")
         self.port: int | None = None
 
@@ -33,11 +37,20 @@ class Autosleepd:
         config = self.config
         self.engine = EngineClient(config.upstream, config.connect_timeout)
         await self.engine.start()
-        self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock())
+        gpu = self._gpu or open_nvml()
+        if gpu is None:
+            self._log.info("gpu_probe_off", reason="NVML is not available (no GPU or driver here)")
+        self.metrics = Metrics()
+        self.notifier = SystemdNotifier()
+        self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock(),
+                                     observers=(self.metrics, self.notifier), gpu=gpu)
+        self.metrics.watch(self.supervisor.status)
         self.proxy = Proxy(config, self.supervisor)
+        self.proxy.observer = self.metrics
         await self.proxy.start()
         self.admin = Admin(self.supervisor, config.admin_token, config.sleep_level)
         app = web.Application()
+        app.router.add_get("/autosleepd/metrics", self.metrics.handle)
         app.add_routes(self.admin.routes())
         app.router.add_route("*", "/{path:.*}", self.proxy.handle)
         # handler_cancellation: a client that goes away cancels its handler, which takes it out
@@ -55,6 +68,8 @@ class Autosleepd:
             raise
         self.port = self._runner.addresses[0][1]
         self._control = asyncio.create_task(self.supervisor.run(), name="autosleepd-control")
+        self._watchdog = asyncio.create_task(self.notifier.keep_watchdog_fed())
+        self.notifier.ready(self.supervisor.state.value)
         self._log.info("listening", host=config.host, port=self.port, upstream=config.upstream,
                        idle_timeout_s=config.idle_timeout, sleep_level=config.sleep_level)
 
@@ -66,15 +81,18 @@ class Autosleepd:
     async def shutdown(self) -> None:
         self._log.info("shutting_down", in_flight=self.supervisor.in_flight,
                        queued=self.supervisor.queued)
+        self.notifier.stopping()
         await self._site.stop()                 # no new connections
         self.supervisor.close()                 # held requests get 503, new ones too
         drained = await self.supervisor.wait_drained(self.config.shutdown_timeout)
         if not drained:
             self._log.warning("shutdown_timeout", in_flight=self.supervisor.in_flight)
         self._control.cancel()
-        await asyncio.gather(self._control, return_exceptions=True)
+        self._watchdog.cancel()
+        await asyncio.gather(self._control, self._watchdog, return_exceptions=True)
         await self._runner.cleanup()
         await self._close_clients()
+        self.notifier.close()
         self._log.info("stopped")
 
     async def _close_clients(self) -> None:
@@ -101,6 +119,7 @@ class Autosleepd:
             error = self._control.exception() if not self._control.cancelled() else None
             self._log.error("control_loop_failed", error=repr(error), exc_info=error)
             stopping.cancel()
+            await self.shutdown()
             return 1
         await self.shutdown()
         return 0

@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import structlog
 
 from .clock import Clock
 from .config import Config
 from .engine import EngineError, EngineUnreachable, SleepUnsupported
+from .memory import GpuReader, GpuUnavailable, read_gpus
 
 
 class State(str, enum.Enum):
@@ -57,14 +58,16 @@ class Engine(Protocol):
     async def wake(self, level: int, timeout: float) -> None: ...
 
 
-class Observer(Protocol):
-    """What the supervisor reports as it goes (metrics); every method is optional to act on."""
+class Observer:
+    """What the supervisor reports as it goes; each observer overrides what it needs."""
 
     def transition(self, old: State, new: State, reason: str, seconds: float) -> None: ...
     def slept(self, level: int, reason: str, seconds: float) -> None: ...
     def woke(self, level: int, reason: str, seconds: float) -> None: ...
+    def sleep_failed(self) -> None: ...
+    def wake_failed(self) -> None: ...
     def released(self, held_seconds: float) -> None: ...
-    def refused(self, reason: str) -> None: ...
+    def refused_request(self, reason: str) -> None: ...
 
 
 class Refused(Exception):
@@ -112,15 +115,17 @@ class Stats:
     last_sleep_seconds: float | None = None
     last_wake_seconds: float | None = None
     last_error: str | None = None
+    last_freed_bytes: int | None = None   # GPU memory the last sleep gave back, as NVML saw it
 
 
 class Supervisor:
     def __init__(self, config: Config, engine: Engine, clock: Clock,
-                 observer: Observer | None = None):
+                 observers: Sequence[Observer] = (), gpu: GpuReader | None = None):
         self.config = config
         self._engine = engine
         self._clock = clock
-        self._observer = observer
+        self._observers = tuple(observers)
+        self._gpu = gpu
         self._log = structlog.get_logger("autosleepd.supervisor")
         self.state = State.STARTING
         self.in_flight = 0
@@ -247,6 +252,7 @@ class Supervisor:
             "last_sleep_seconds": s.last_sleep_seconds,
             "last_wake_seconds": s.last_wake_seconds,
             "last_error": s.last_error,
+            "gpu_memory_freed_bytes": s.last_freed_bytes,
         }
 
     async def wait_for(self, *states: State, timeout: float) -> None:
@@ -280,7 +286,7 @@ class Supervisor:
         self._closing = True
         for future in list(self._held):
             if not future.done():
-                future.set_exception(Refused("shutting_down", "autosleepd is shutting down"))
+                future.set_exception(self._refuse("shutting_down", "autosleepd is shutting down"))
         if self._sleep_order and not self._sleep_order.done.done():
             self._sleep_order.done.set_exception(OrderFailed("autosleepd is shutting down"))
         self._changed.set()
@@ -387,11 +393,13 @@ class Supervisor:
                 self._settle(order, OrderFailed(f"{self.in_flight} requests were still in flight "
                                                 f"after {self.config.drain_timeout:g}s"))
                 return
+        used_before = await self._gpu_used()
         try:
             await self._engine.sleep(level, timeout=self.config.sleep_timeout)
         except EngineError as error:
             self._sleep_order = None
             self.stats.sleep_failures += 1
+            self._tell("sleep_failed")
             self.stats.last_error = str(error)
             self._log.error("sleep_failed", sleep_level=level, reason=reason, error=str(error))
             if isinstance(error, SleepUnsupported):
@@ -403,13 +411,15 @@ class Supervisor:
             self._settle(order, OrderFailed(f"the sleep call failed: {error}"))
             return
         seconds = self._clock.now() - started
+        used_after = await self._gpu_used()
+        if used_before is not None and used_after is not None:
+            self.stats.last_freed_bytes = max(0, used_before - used_after)
         self._sleep_order = None
         self.asleep_level = level
         self.stats.sleeps += 1
         self.stats.last_sleep_seconds = round(seconds, 3)
         self._enter(State.ASLEEP, reason, sleep_level=level)
-        if self._observer:
-            self._observer.slept(level, reason, seconds)
+        self._tell("slept", level, reason, seconds)
         self._settle(order, None)
 
     async def _wake(self) -> None:
@@ -425,6 +435,7 @@ class Supervisor:
                     raise EngineError("the engine still reports is_sleeping=true after the wake")
             except EngineError as error:
                 self.stats.wake_failures += 1
+                self._tell("wake_failed")
                 self.stats.last_error = str(error)
                 self._log.error("wake_failed", sleep_level=level, error=str(error))
                 sleeping = await self._read_engine()
@@ -450,10 +461,21 @@ class Supervisor:
         self.asleep_level = None
         self._last_work_end = self._clock.now()
         self._enter(State.AWAKE, reason, sleep_level=level)
-        if self._observer:
-            self._observer.woke(level, reason, seconds)
+        self._tell("woke", level, reason, seconds)
 
     # ----- mechanics -------------------------------------------------------------------------
+
+    def _tell(self, event: str, *args) -> None:
+        for observer in self._observers:
+            getattr(observer, event)(*args)
+
+    async def _gpu_used(self) -> int | None:
+        if self._gpu is None:
+            return None
+        try:
+            return sum(gpu.used for gpu in await read_gpus(self._gpu))
+        except GpuUnavailable:
+            return None
 
     def _enter(self, new: State, reason: str, **details) -> None:
         old = self.state
@@ -464,8 +486,7 @@ class Supervisor:
         self.state, self._entered_at = new, now
         self._log.info("transition", from_state=old.value, to_state=new.value, reason=reason,
                        duration_s=round(seconds, 4), **details)
-        if self._observer:
-            self._observer.transition(old, new, reason, seconds)
+        self._tell("transition", old, new, reason, seconds)
         if new is State.AWAKE:
             self._release_held()
         self._transitioned.set()
@@ -479,8 +500,7 @@ class Supervisor:
                 continue
             if hold.work:
                 self._count_in()
-                if self._observer:
-                    self._observer.released(now - hold.since)
+                self._tell("released", now - hold.since)
             future.set_result(None)
 
     def _count_in(self) -> None:
@@ -523,8 +543,7 @@ class Supervisor:
                 timer.cancel()
 
     def _refuse(self, reason: str, message: str) -> Refused:
-        if self._observer:
-            self._observer.refused(reason)
+        self._tell("refused_request", reason)
         return Refused(reason, message)
 
     def _fail_sleep_order(self, message: str) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import sys
 from typing import Callable
 
 import aiohttp
@@ -83,3 +86,50 @@ async def post_completion(http: aiohttp.ClientSession, base: str, prompt: str = 
                           max_tokens: int = 4) -> tuple[int, dict]:
     async with http.post(base + "/v1/completions", json=completion(prompt, max_tokens)) as response:
         return response.status, await response.json()
+
+
+class Daemon:
+    def __init__(self, process: asyncio.subprocess.Process, port: int):
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+        self.lines: list[dict] = []
+
+    async def read_log_until_exit(self) -> int:
+        async for raw in self.process.stderr:
+            self.lines.append(json.loads(raw))
+        return await self.process.wait()
+
+
+@pytest.fixture
+async def start_daemon():
+    started: list[Daemon] = []
+
+    async def start(upstream: str, **env) -> Daemon:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
+        environ.update({"AUTOSLEEPD_UPSTREAM": upstream, "AUTOSLEEPD_HOST": "127.0.0.1",
+                        "AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_LOG_FORMAT": "json", **env})
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "autosleepd", env=environ, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            while True:
+                line = json.loads(await process.stderr.readline())
+                if line["event"] == "listening":
+                    break
+        daemon = Daemon(process, line["port"])
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.returncode is None:
+            daemon.process.kill()
+            await daemon.process.wait()
+
+
+async def wait_state(http, daemon: Daemon, state: str) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            async with http.get(daemon.url + "/autosleepd/status") as response:
+                if (await response.json())["state"] == state:
+                    return
+            await asyncio.sleep(0.01)

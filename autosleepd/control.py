@@ -1,0 +1,89 @@
+"""``autosleepd status|sleep|wake``: talk to a running instance, print a summary, exit non-zero
+on failure. URL and token come from the same environment as the daemon's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Mapping
+
+from .config import Config, ConfigError
+
+_TIMEOUT = 600.0   # a manual sleep drains and a level-2 wake reloads: both may take minutes
+
+
+def instance_url(args_url: str | None, env: Mapping[str, str]) -> str:
+    if args_url:
+        return args_url.rstrip("/")
+    if env.get("AUTOSLEEPD_URL"):
+        return env["AUTOSLEEPD_URL"].rstrip("/")
+    config = Config.from_env(env)
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{config.port}"
+
+
+def run(command: str, args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    try:
+        url = instance_url(args.url, env)
+    except ConfigError as error:
+        print(f"autosleepd {command}: {error}", file=sys.stderr)
+        return 2
+    if command == "status":
+        request = urllib.request.Request(url + "/autosleepd/status")
+    else:
+        query = f"?level={args.level}" if command == "sleep" and args.level else ""
+        request = urllib.request.Request(f"{url}/autosleepd/{command}{query}", method="POST",
+                                         data=b"")
+        token = env.get("AUTOSLEEPD_ADMIN_TOKEN")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT) as response:
+            status = json.load(response)
+    except urllib.error.HTTPError as error:
+        print(f"autosleepd {command}: {url} answered {error.code}: {_message(error)}",
+              file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        print(f"autosleepd {command}: cannot reach autosleepd at {url}: {reason}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else summary(status))
+    return 0
+
+
+def _message(error: urllib.error.HTTPError) -> str:
+    try:
+        return json.load(error)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return error.reason
+
+
+def summary(status: dict) -> str:
+    def secs(value) -> str:
+        return "-" if value is None else f"{value:g}s"
+
+    level = f", level {status['sleep_level']}" if status["state"] == "asleep" else ""
+    autosleep = (f"sleeps after {secs(status['idle_timeout_seconds'])} idle"
+                 if status["autosleep"] else "autosleep off")
+    if not status["sleep_supported"]:
+        autosleep = "the engine cannot sleep (see last error)"
+    lines = [
+        f"state:      {status['state']} for {secs(status['state_seconds'])}{level}",
+        f"engine:     {status['upstream']}; {autosleep}",
+        f"activity:   {status['in_flight']} in flight, {status['queued']} held, "
+        f"idle {secs(status['idle_seconds'])}",
+        f"sleeps:     {status['sleeps']} (last took {secs(status['last_sleep_seconds'])}, "
+        f"{status['sleep_failures']} failed)",
+        f"wakes:      {status['wakes']} (last took {secs(status['last_wake_seconds'])}, "
+        f"{status['wake_failures']} failed)",
+    ]
+    if status.get("gpu_memory_freed_bytes") is not None:
+        lines.append(f"last sleep freed {status['gpu_memory_freed_bytes'] / 2**30:.2f} GiB of GPU memory")
+    if status.get("last_error"):
+        lines.append(f"last error: {status['last_error']}")
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""Memory at the edge: GPU memory through NVML, host memory and processes through psutil.
+
+Each reader is a thin wrapper with no policy, so tests replace it with a fake (or with the
+simulator's GPU) and the policy above it runs unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import psutil
+
+
+class GpuUnavailable(Exception):
+    """No NVML: no GPU, no driver, or no access to the device nodes."""
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    index: int
+    uuid: str
+    total: int
+    used: int
+    processes: dict[int, int] = field(default_factory=dict)   # pid -> bytes on this GPU
+
+    @property
+    def free(self) -> int:
+        return max(0, self.total - self.used)
+
+
+class GpuReader(Protocol):
+    def read(self) -> list[GpuMemory]: ...
+
+
+class NvmlReader:
+    """Every GPU NVML sees, with the memory each process holds on it."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+        except Exception as error:   # NVMLError_LibraryNotFound, DriverNotLoaded, NoPermission...
+            raise GpuUnavailable(f"NVML is not available: {error}") from None
+        self._nvml = pynvml
+
+    def read(self) -> list[GpuMemory]:
+        nvml = self._nvml
+        try:
+            gpus = []
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                info = nvml.nvmlDeviceGetMemoryInfo(handle)
+                uuid = nvml.nvmlDeviceGetUUID(handle)
+                processes = {}
+                for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    used = process.usedGpuMemory
+                    processes[process.pid] = int(used) if used is not None else 0
+                gpus.append(GpuMemory(index, uuid.decode() if isinstance(uuid, bytes) else uuid,
+                                      int(info.total), int(info.used), processes))
+            return gpus
+        except nvml.NVMLError as error:
+            raise GpuUnavailable(f"NVML read failed: {error}") from None
+
+
+def open_nvml() -> NvmlReader | None:
+    try:
+        return NvmlReader()
+    except GpuUnavailable:
+        return None
+
+
+async def read_gpus(reader: GpuReader) -> list[GpuMemory]:
+    # NVML calls block for a moment; keep them off the event loop.
+    return await asyncio.to_thread(reader.read)
+
+
+def engine_pids(root_pid: int) -> set[int]:
+    """The engine's process and all its children (vLLM runs its engine core in a child)."""
+    try:
+        root = psutil.Process(root_pid)
+        return {root_pid} | {child.pid for child in root.children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The process that listens on ``port`` (the vLLM API server), if this host can see it."""
+    try:
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return conn.pid
+    except psutil.Error:
+        return None
+    return None
+
+
+def host_available_bytes() -> int:
+    return psutil.virtual_memory().available
+
+
+def resident_bytes(pids: Iterable[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            continue
+    return total

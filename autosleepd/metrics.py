@@ -1,0 +1,131 @@
+"""Prometheus metrics, all named ``autosleepd_*``, served at ``GET /autosleepd/metrics``.
+
+Counters and histograms move as the supervisor reports events (it calls the ``Observer``
+methods); gauges of the present (state, in flight, held, idle seconds) are read from the
+supervisor at scrape time, so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .supervisor import State
+
+# Wakes of a small model take 0.1-0.8 s, of a large one 3-6 s; a level-2 reload 2-100 s.
+TRANSITION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+HOLD_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The supervisor's and the proxy's observer, and the owner of the registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sleeps = Counter("autosleepd_sleeps_total", "Sleeps completed, by level and reason.",
+                              ["level", "reason"], registry=r)
+        self.wakes = Counter("autosleepd_wakes_total", "Wakes completed, by level and reason.",
+                             ["level", "reason"], registry=r)
+        self.sleep_failures = Counter("autosleepd_sleep_failures_total", "Sleep calls that failed.",
+                                      registry=r)
+        self.wake_failures = Counter("autosleepd_wake_failures_total", "Wake calls that failed.",
+                                     registry=r)
+        self.sleep_seconds = Histogram("autosleepd_sleep_duration_seconds",
+                                       "Time from the decision to sleep to the engine asleep.",
+                                       ["level"], buckets=TRANSITION_BUCKETS, registry=r)
+        self.wake_seconds = Histogram("autosleepd_wake_duration_seconds",
+                                      "Time from the decision to wake to the engine awake.",
+                                      ["level"], buckets=TRANSITION_BUCKETS, registry=r)
+        self.held_seconds = Histogram("autosleepd_hold_duration_seconds",
+                                      "Time a request was held before it was forwarded.",
+                                      buckets=HOLD_BUCKETS, registry=r)
+        self.refused = Counter("autosleepd_requests_refused_total",
+                               "Requests answered by autosleepd with an error, by reason.",
+                               ["reason"], registry=r)
+        self.proxied = Counter("autosleepd_requests_total", "Requests handled, by class "
+                               "(work, passive, blocked) and status class.", ["kind", "code"],
+                               registry=r)
+        self.transitions = Counter("autosleepd_transitions_total", "State transitions.",
+                                   ["from_state", "to_state"], registry=r)
+        for reason in ("queue_full", "wake_timeout", "engine_unavailable", "shutting_down",
+                       "blocked_path"):
+            self.refused.labels(reason)
+        self._live: Callable[[], dict] | None = None
+        self.registry.register(_LiveCollector(self))
+
+    def watch(self, read_live: Callable[[], dict]) -> None:
+        """Where scrape-time gauges come from (the supervisor's ``live()``)."""
+        self._live = read_live
+
+    # ----- the supervisor's Observer ---------------------------------------------------------
+
+    def transition(self, old: State, new: State, reason: str, seconds: float) -> None:
+        self.transitions.labels(old.value, new.value).inc()
+
+    def slept(self, level: int, reason: str, seconds: float) -> None:
+        self.sleeps.labels(str(level), reason).inc()
+        self.sleep_seconds.labels(str(level)).observe(seconds)
+
+    def woke(self, level: int, reason: str, seconds: float) -> None:
+        self.wakes.labels(str(level), reason).inc()
+        self.wake_seconds.labels(str(level)).observe(seconds)
+
+    def sleep_failed(self) -> None:
+        self.sleep_failures.inc()
+
+    def wake_failed(self) -> None:
+        self.wake_failures.inc()
+
+    def released(self, held_seconds: float) -> None:
+        self.held_seconds.observe(held_seconds)
+
+    def refused_request(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
+
+    # ----- the proxy's observer --------------------------------------------------------------
+
+    def request(self, kind: str, status: int) -> None:
+        self.proxied.labels(kind, f"{status // 100}xx").inc()
+        if kind == "blocked":
+            self.refused.labels("blocked_path").inc()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _LiveCollector:
+    """Gauges read at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable:
+        if self._metrics._live is None:
+            return
+        live = self._metrics._live()
+        state = GaugeMetricFamily("autosleepd_state", "1 for the engine's current state, 0 for "
+                                  "the others.", labels=["state"])
+        for candidate in State:
+            state.add_metric([candidate.value], 1.0 if live["state"] == candidate.value else 0.0)
+        yield state
+        for name, key, text in (
+                ("autosleepd_requests_in_flight", "in_flight", "Work requests being forwarded now."),
+                ("autosleepd_requests_held", "queued", "Work requests held now, waiting for the engine."),
+                ("autosleepd_idle_seconds", "idle_seconds", "Seconds since the last work ended "
+                                                            "(0 while any is in flight or held)."),
+                ("autosleepd_sleep_supported", "sleep_supported", "1 if the engine can sleep.")):
+            yield GaugeMetricFamily(name, text, value=float(live[key]))
+        freed = live.get("gpu_memory_freed_bytes")
+        if freed is not None:
+            yield GaugeMetricFamily("autosleepd_gpu_memory_freed_bytes",
+                                    "GPU memory freed by the last sleep, as NVML saw it.",
+                                    value=float(freed))
