@@ -14,6 +14,7 @@ import pytest
 
 from autosleepd import log
 from autosleepd.config import Config
+from autosleepd.memory import GpuMemory, GpuUnavailable
 from autosleepd.server import Autosleepd
 from autosleepd.sim import SimSettings, SimulatedEngine
 from autosleepd.supervisor import State
@@ -38,6 +39,24 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+class NoGpu:
+    """A host without NVML, whatever the machine running the tests has."""
+
+    def read(self):
+        raise GpuUnavailable("no GPU in this test")
+
+
+class OneGpu:
+    """One 80 GiB GPU whose use follows the simulated engine: 70 GiB awake, 2 GiB asleep."""
+
+    def __init__(self, sim):
+        self._sim = sim
+
+    def read(self):
+        used = (2 if self._sim.sleeping else 70) * 2**30
+        return [GpuMemory(0, "GPU-sim", 80 * 2**30, used)]
+
+
 @pytest.fixture
 async def make_sim():
     sims: list[SimulatedEngine] = []
@@ -57,10 +76,11 @@ async def make_sim():
 async def make_proxy():
     servers: list[Autosleepd] = []
 
-    async def make(upstream: str, wait_ready: bool = True, **overrides) -> Autosleepd:
+    async def make(upstream: str, wait_ready: bool = True, gpu=None, **overrides) -> Autosleepd:
         defaults = dict(upstream=upstream, host="127.0.0.1", port=0, idle_timeout=0,
                         wake_timeout=10.0, probe_interval=30.0)
-        server = Autosleepd(dataclasses.replace(Config(), **{**defaults, **overrides}))
+        server = Autosleepd(dataclasses.replace(Config(), **{**defaults, **overrides}),
+                            gpu=gpu or NoGpu())
         await server.start()
         servers.append(server)
         if wait_ready:

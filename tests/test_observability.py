@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from autosleepd.notify import SystemdNotifier
 
-from .conftest import completion, eventually, post_completion
+from .conftest import OneGpu, completion, eventually, post_completion
 
 
 async def scrape(http, server) -> dict[tuple, float]:
@@ -59,6 +59,18 @@ async def test_metrics_follow_the_state_and_count_sleeps_wakes_and_requests(make
     assert value(samples, "autosleepd_requests_total", kind="blocked", code="4xx") == 1
     assert value(samples, "autosleepd_requests_refused_total", reason="blocked_path") == 1
     assert value(samples, "autosleepd_transitions_total", from_state="waking", to_state="awake") == 1
+
+
+async def test_the_gpu_memory_a_sleep_frees_is_reported(make_sim, make_proxy, http):
+    sim = await make_sim()
+    server = await make_proxy(sim.url, gpu=OneGpu(sim))
+    samples = await scrape(http, server)
+    assert ("autosleepd_gpu_memory_freed_bytes", ()) not in samples   # unknown until a sleep
+    await server.supervisor.order_sleep(1)
+    samples = await scrape(http, server)
+    assert value(samples, "autosleepd_gpu_memory_freed_bytes") == 68 * 2**30
+    async with http.get(server.url + "/autosleepd/status") as response:
+        assert (await response.json())["gpu_memory_freed_bytes"] == 68 * 2**30
 
 
 async def test_metrics_show_requests_held_and_in_flight_now(make_sim, make_proxy, http):
