@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .supervisor import State
+
+disable_created_metrics()   # the *_created series only double the size of every scrape
 
 # Wakes of a small model take 0.1-0.8 s, of a large one 3-6 s; a level-2 reload 2-100 s.
 TRANSITION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
