@@ -330,8 +330,8 @@ async def test_without_dev_mode_it_keeps_proxying_and_says_why_it_cannot_sleep(m
 async def test_without_sleep_mode_a_failed_sleep_leaves_it_serving(make_sim, make_proxy, http):
     sim = await make_sim(sleep_mode=False)
     server = await make_proxy(sim.url, idle_timeout=0.05)
-    await eventually(lambda: server.supervisor.stats.sleep_failures >= 1)
-    assert server.supervisor.state is State.AWAKE
+    await eventually(lambda: server.supervisor.stats.sleep_failures >= 1
+                     and server.supervisor.state is State.AWAKE)
     assert (await post_completion(http, server.url))[0] == 200
     assert "Sleep mode is not enabled" in server.supervisor.status()["last_error"]
 
