@@ -26,6 +26,7 @@ class Admin:
         return [
             web.get("/autosleepd/status", self.status),
             web.get("/autosleepd/healthz", self.healthz),
+            web.get("/autosleepd/engine-healthz", self.engine_healthz),
             web.post("/autosleepd/sleep", self.sleep),
             web.post("/autosleepd/wake", self.wake),
             web.route("*", "/autosleepd/{rest:.*}", self.not_found),
@@ -37,6 +38,21 @@ class Admin:
     async def healthz(self, request: web.Request) -> web.Response:
         # autosleepd itself answers: that is all this says, whatever the engine's state.
         return web.json_response({"ok": True, "state": self.supervisor.state.value})
+
+    async def engine_healthz(self, request: web.Request) -> web.Response:
+        """For orchestrators: 503 once the engine is broken and needs a restart; never wakes it."""
+        status = 503 if self.supervisor.broken else 200
+        return web.json_response({"ok": status == 200, "state": self.supervisor.state.value,
+                                  "broken_reason": self.supervisor.stats.broken_reason},
+                                 status=status)
+
+    async def evict(self, request: web.Request) -> web.Response:
+        """A neighbour on the same GPU needs the memory (served on the coordination socket only)."""
+        try:
+            await self.supervisor.order_evict()
+        except OrderFailed as failed:
+            return error_response(409, f"eviction refused: {failed}", "conflict", "busy")
+        return web.json_response(self.supervisor.status())
 
     async def sleep(self, request: web.Request) -> web.Response:
         denied = self._authorize(request)

@@ -76,6 +76,18 @@ class Config:
     probe_interval: float = 30.0         # how often the engine's real state is re-read
     connect_timeout: float = 5.0         # opening a connection to the engine
     max_body_size: int = 0               # request body limit in bytes; 0: none
+    wake_check: str = "request"          # after a wake: "request" (a 1-token completion) or "state"
+    # The memory guard
+    engine_pid: int | None = None        # the vLLM server's PID; else found from the upstream port
+    gpus: frozenset[str] = frozenset()   # the engine's GPUs (indices or UUIDs); else learned
+    wake_memory: int = 0                 # GPU bytes the engine holds awake, per GPU; 0: learned
+    wake_memory_margin: int = 2**30      # kept free beyond what a wake maps
+    weights_memory: int = 0              # host RAM a level-1 sleep takes; 0: learned
+    level1_fallback: str = "level2"      # when host RAM is short: "level2" or "refuse"
+    memory_poll: float = 0.25            # how often free memory is re-read while waiting for it
+    restart_command: str | None = None   # runs when the engine is broken (a failed wake)
+    coordination_dir: str | None = None  # shared by the sidecars of engines on the same GPUs
+    instance: str | None = None          # this sidecar's name there; default host-port
     passive_paths: frozenset[str] = PASSIVE_PATHS
     blocked_paths: frozenset[str] = CONTROL_PATHS
 
@@ -102,6 +114,18 @@ class Config:
             probe_interval=read.get("PROBE_INTERVAL", cls.probe_interval, _positive_duration),
             connect_timeout=read.get("CONNECT_TIMEOUT", cls.connect_timeout, _positive_duration),
             max_body_size=read.get("MAX_BODY_SIZE", cls.max_body_size, _size),
+            wake_check=read.get("WAKE_CHECK", cls.wake_check, _choice(("request", "state"))),
+            engine_pid=read.get("ENGINE_PID", None, _int_at_least(1)),
+            gpus=read.get("GPUS", cls.gpus, _gpu_list),
+            wake_memory=read.get("WAKE_MEMORY", cls.wake_memory, _size),
+            wake_memory_margin=read.get("WAKE_MEMORY_MARGIN", cls.wake_memory_margin, _size),
+            weights_memory=read.get("WEIGHTS_MEMORY", cls.weights_memory, _size),
+            level1_fallback=read.get("LEVEL1_FALLBACK", cls.level1_fallback,
+                                     _choice(("level2", "refuse"))),
+            memory_poll=read.get("MEMORY_POLL", cls.memory_poll, _positive_duration),
+            restart_command=read.get("ENGINE_RESTART_COMMAND", None, _optional_text),
+            coordination_dir=read.get("COORDINATION_DIR", None, _absolute_dir),
+            instance=read.get("INSTANCE", None, _instance_name),
             passive_paths=(PASSIVE_PATHS | extra_passive) - extra_blocked,
             blocked_paths=CONTROL_PATHS | extra_blocked,
         )
@@ -212,6 +236,29 @@ def _token(raw: str) -> str | None:
         return None
     if raw != raw.strip() or any(ord(c) < 33 for c in raw):
         raise _Invalid("a token without spaces or control characters")
+    return raw
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _gpu_list(raw: str) -> frozenset[str]:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not all(item.isdigit() or item.startswith(("GPU-", "MIG-")) for item in items):
+        raise _Invalid("a comma-separated list of GPU indices or UUIDs (0,1 or GPU-...)")
+    return frozenset(items)
+
+
+def _absolute_dir(raw: str) -> str:
+    if not raw.startswith("/"):
+        raise _Invalid("an absolute directory path such as /run/autosleepd")
+    return raw.rstrip("/") or "/"
+
+
+def _instance_name(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", raw):
+        raise _Invalid("a name of letters, digits, '.', '_' and '-' (at most 64)")
     return raw
 
 

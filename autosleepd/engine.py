@@ -109,3 +109,17 @@ class EngineClient:
     async def wake(self, level: int, timeout: float) -> None:
         for method, path, payload in WAKE_STEPS[level]:
             await self._call(method, path, timeout, payload)
+
+    async def check_inference(self, timeout: float) -> None:
+        """A one-token completion: proof that an engine reporting awake really serves."""
+        body = await self._call("GET", "/v1/models", timeout)
+        try:
+            model = json.loads(body)["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EngineNonsense(f"GET /v1/models answered {body[:200]!r}, expected a model list") from None
+        answer = await self._call("POST", "/v1/completions", timeout,
+                                  {"model": model, "prompt": "ping", "max_tokens": 1})
+        try:
+            json.loads(answer)["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EngineNonsense(f"a one-token completion answered {answer[:200]!r}") from None

@@ -76,35 +76,52 @@ async def read_gpus(reader: GpuReader) -> list[GpuMemory]:
     return await asyncio.to_thread(reader.read)
 
 
-def engine_pids(root_pid: int) -> set[int]:
-    """The engine's process and all its children (vLLM runs its engine core in a child)."""
-    try:
-        root = psutil.Process(root_pid)
-        return {root_pid} | {child.pid for child in root.children(recursive=True)}
-    except psutil.Error:
-        return set()
+class Processes(Protocol):
+    """The host's process table and memory, as the guard needs them."""
+
+    def engine_pids(self, root_pid: int) -> set[int]: ...
+    def pid_listening_on(self, port: int) -> int | None: ...
+    def resident_bytes(self, pids: Iterable[int]) -> int: ...
+    def host_available_bytes(self) -> int: ...
+    def cmdline(self, pid: int) -> list[str]: ...
 
 
-def pid_listening_on(port: int) -> int | None:
-    """The process that listens on ``port`` (the vLLM API server), if this host can see it."""
-    try:
-        for conn in psutil.net_connections(kind="inet"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                return conn.pid
-    except psutil.Error:
-        return None
-    return None
+class HostProcesses:
+    """psutil on this host."""
 
-
-def host_available_bytes() -> int:
-    return psutil.virtual_memory().available
-
-
-def resident_bytes(pids: Iterable[int]) -> int:
-    total = 0
-    for pid in pids:
+    def engine_pids(self, root_pid: int) -> set[int]:
+        """The engine's process and all its children (vLLM runs its engine core in a child)."""
         try:
-            total += psutil.Process(pid).memory_info().rss
+            root = psutil.Process(root_pid)
+            return {root_pid} | {child.pid for child in root.children(recursive=True)}
         except psutil.Error:
-            continue
-    return total
+            return set()
+
+    def pid_listening_on(self, port: int) -> int | None:
+        """The process that listens on ``port`` (the vLLM API server), if this host shows it."""
+        try:
+            for conn in psutil.net_connections(kind="inet"):
+                if (conn.status == psutil.CONN_LISTEN and conn.laddr
+                        and conn.laddr.port == port and conn.pid):
+                    return conn.pid
+        except psutil.Error:
+            return None
+        return None
+
+    def resident_bytes(self, pids: Iterable[int]) -> int:
+        total = 0
+        for pid in pids:
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def host_available_bytes(self) -> int:
+        return psutil.virtual_memory().available
+
+    def cmdline(self, pid: int) -> list[str]:
+        try:
+            return psutil.Process(pid).cmdline()
+        except psutil.Error:
+            return []

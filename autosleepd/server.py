@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import structlog
 from aiohttp import web
@@ -18,18 +19,24 @@ from .admin import Admin
 from .clock import Clock, LoopClock
 from .config import Config
 from .engine import EngineClient
-from .memory import GpuReader, open_nvml
+from .coordination import HEARTBEAT, Coordinator
+from .guard import MemoryGuard
+from .memory import GpuReader, HostProcesses, Processes, open_nvml
 from .metrics import Metrics
 from .notify import SystemdNotifier
 from .proxy import Proxy
-from .supervisor import Supervisor
+from .restart import CommandRestarter
+from .supervisor import Restarter, Supervisor
 
 
 class Autosleepd:
-    def __init__(self, config: Config, clock: Clock | None = None, gpu: GpuReader | None = None):
+    def __init__(self, config: Config, clock: Clock | None = None, gpu: GpuReader | None = None,
+                 processes: Processes | None = None, restart: Restarter | None = None):
         self.config = config
+        self._restart = restart
         self._clock = clock
         self._gpu = gpu
+        self._processes = processes
         self._log = structlog.get_logger("autosleepd")
         self.port: int | None = None
 
@@ -38,12 +45,27 @@ class Autosleepd:
         self.engine = EngineClient(config.upstream, config.connect_timeout)
         await self.engine.start()
         gpu = self._gpu or open_nvml()
+        guard = None
         if gpu is None:
-            self._log.info("gpu_probe_off", reason="NVML is not available (no GPU or driver here)")
+            self._log.warning("memory_guard_off", reason="NVML is not available (no GPU or driver "
+                              "here): wakes are not checked for GPU memory")
+        else:
+            guard = MemoryGuard(config, gpu, self._processes or HostProcesses())
         self.metrics = Metrics()
         self.notifier = SystemdNotifier()
+        self.coordinator = None
+        if config.coordination_dir:
+            self.coordinator = Coordinator(config.coordination_dir, self._instance_name(),
+                                           self._coordination_entry,
+                                           request_timeout=config.sleep_timeout)
+            self.coordinator.prepare()
+        restart = self._restart
+        if restart is None and config.restart_command:
+            restart = CommandRestarter(config.restart_command)
         self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock(),
-                                     observers=(self.metrics, self.notifier), gpu=gpu)
+                                     observers=(self.metrics, self.notifier), guard=guard,
+                                     neighbours=self.coordinator, restart=restart)
+        self._guard = guard
         self.metrics.watch(self.supervisor.status)
         self.proxy = Proxy(config, self.supervisor)
         self.proxy.observer = self.metrics
@@ -52,6 +74,7 @@ class Autosleepd:
         app = web.Application()
         app.router.add_get("/autosleepd/metrics", self.metrics.handle)
         app.add_routes(self.admin.routes())
+        self._side_runner = None
         app.router.add_route("*", "/{path:.*}", self.proxy.handle)
         # handler_cancellation: a client that goes away cancels its handler, which takes it out
         # of the queue or closes its upstream request (so vLLM aborts the generation).
@@ -67,8 +90,10 @@ class Autosleepd:
             await self._close_clients()
             raise
         self.port = self._runner.addresses[0][1]
+        self._tasks = [asyncio.create_task(self.notifier.keep_watchdog_fed())]
+        if self.coordinator is not None:
+            await self._serve_neighbours()
         self._control = asyncio.create_task(self.supervisor.run(), name="autosleepd-control")
-        self._watchdog = asyncio.create_task(self.notifier.keep_watchdog_fed())
         self.notifier.ready(self.supervisor.state.value)
         self._log.info("listening", host=config.host, port=self.port, upstream=config.upstream,
                        idle_timeout_s=config.idle_timeout, sleep_level=config.sleep_level)
@@ -88,12 +113,51 @@ class Autosleepd:
         if not drained:
             self._log.warning("shutdown_timeout", in_flight=self.supervisor.in_flight)
         self._control.cancel()
-        self._watchdog.cancel()
-        await asyncio.gather(self._control, self._watchdog, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(self._control, *self._tasks, return_exceptions=True)
+        if self.coordinator is not None:
+            self.coordinator.withdraw()
+            await self._side_runner.cleanup()
         await self._runner.cleanup()
         await self._close_clients()
         self.notifier.close()
         self._log.info("stopped")
+
+    def _instance_name(self) -> str:
+        return self.config.instance or f"{self.config.host.replace(':', '_')}-{self.config.port}"
+
+    def _coordination_entry(self) -> dict:
+        """What neighbours see of this sidecar."""
+        status = self.supervisor.status()
+        memory = status["memory"] or {}
+        gpus = sorted(set(memory.get("engine_awake_bytes", {})) | set(memory.get("last_freed_bytes", {})))
+        return {"state": status["state"], "in_flight": status["in_flight"],
+                "queued": status["queued"], "gpus": gpus or self._all_gpu_uuids(),
+                "memory_awake": memory.get("engine_awake_bytes", {}),
+                "last_used": time.time() - status["idle_seconds"], "url": self.url}
+
+    def _all_gpu_uuids(self) -> list[str]:
+        try:
+            return [gpu.uuid for gpu in self._guard._gpu.read()] if self._guard else []
+        except Exception:
+            return []
+
+    async def _serve_neighbours(self) -> None:
+        """The Unix socket where neighbours ask for an eviction, and the heartbeat."""
+        side = web.Application()
+        side.router.add_post("/autosleepd/evict", self.admin.evict)
+        side.router.add_get("/autosleepd/status", self.admin.status)
+        self._side_runner = web.AppRunner(side, access_log=None, shutdown_timeout=1.0)
+        await self._side_runner.setup()
+        await web.UnixSite(self._side_runner, self.coordinator.socket_path).start()
+        self.supervisor.add_observer(self.coordinator)
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.coordinator.publish()
+            await asyncio.sleep(HEARTBEAT)
 
     async def _close_clients(self) -> None:
         await self.proxy.close()

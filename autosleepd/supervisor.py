@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import structlog
 
 from .clock import Clock
 from .config import Config
 from .engine import EngineError, EngineUnreachable, SleepUnsupported
-from .memory import GpuReader, GpuUnavailable, read_gpus
 
 
 class State(str, enum.Enum):
@@ -32,6 +31,7 @@ class State(str, enum.Enum):
     ASLEEP = "asleep"
     WAKING = "waking"
     UNAVAILABLE = "unavailable"
+    BROKEN = "broken"          # a wake failed for good (an OOM zombie): only a restart helps
 
 
 S = State
@@ -40,15 +40,21 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.AWAKE: frozenset({S.FALLING_ASLEEP, S.ASLEEP, S.UNAVAILABLE}),
     S.FALLING_ASLEEP: frozenset({S.ASLEEP, S.AWAKE, S.UNAVAILABLE}),
     S.ASLEEP: frozenset({S.WAKING, S.AWAKE, S.UNAVAILABLE}),
-    S.WAKING: frozenset({S.AWAKE, S.ASLEEP, S.UNAVAILABLE}),
+    S.WAKING: frozenset({S.AWAKE, S.ASLEEP, S.UNAVAILABLE, S.BROKEN}),
     S.UNAVAILABLE: frozenset({S.AWAKE, S.ASLEEP}),
+    S.BROKEN: frozenset({S.AWAKE}),   # once a restarted engine answers
 }
 
 # Re-reading an unreachable engine: quick at first (a restart is often fast), then every second.
 UNREACHABLE_BACKOFF = (0.05, 1.0)
-# Retrying a failed wake within the wake timeout.
+# Retrying a failed wake within the wake timeout; after this many failures in a row the engine
+# is broken. An out-of-memory wake is broken at once: vLLM can never wake it again.
 WAKE_RETRY_BACKOFF = (0.25, 5.0)
+WAKE_ATTEMPTS = 3
+# Re-running the restart command for an engine that came back broken.
+RESTART_BACKOFF = (10.0, 300.0)
 PROBE_TIMEOUT = 10.0
+INFERENCE_CHECK_TIMEOUT = 60.0
 
 
 class Engine(Protocol):
@@ -56,6 +62,30 @@ class Engine(Protocol):
     async def sleep_level(self, timeout: float = ...) -> int | None: ...
     async def sleep(self, level: int, timeout: float) -> None: ...
     async def wake(self, level: int, timeout: float) -> None: ...
+    async def check_inference(self, timeout: float) -> None: ...
+
+
+Restarter = Callable[[], Awaitable[bool]]   # runs the restart command; True if it succeeded
+
+
+class Guard(Protocol):
+    """The memory guard (guard.MemoryGuard): questions about GPU and host memory."""
+
+    async def shortfall(self): ...
+    async def learn(self, awake: bool) -> None: ...
+    async def before_sleep(self) -> None: ...
+    async def after_sleep(self, level: int) -> int | None: ...
+    def level_for_sleep(self, level: int) -> tuple[int | None, str | None]: ...
+    async def read(self): ...
+    def engine_gpus(self, gpus, pids): ...
+    def status(self) -> dict: ...
+
+
+class Neighbours(Protocol):
+    """Other sidecars on the same GPUs (coordination.Coordinator)."""
+
+    async def evict_for(self, gpu_uuid: str) -> str | None: ...
+    def locks(self, uuids: list[str]): ...
 
 
 class Observer:
@@ -68,15 +98,17 @@ class Observer:
     def wake_failed(self) -> None: ...
     def released(self, held_seconds: float) -> None: ...
     def refused_request(self, reason: str) -> None: ...
+    def memory_wait(self) -> None: ...
+    def restarted(self, ok: bool) -> None: ...
 
 
 class Refused(Exception):
     """Work that cannot be served; the proxy turns it into an OpenAI-shaped error."""
 
     STATUS = {"queue_full": 503, "wake_timeout": 503, "shutting_down": 503,
-              "engine_unavailable": 502}
+              "engine_unavailable": 502, "no_gpu_memory": 503, "engine_broken": 503}
     RETRY_AFTER = {"queue_full": 1, "wake_timeout": 10, "shutting_down": 5,
-                   "engine_unavailable": 5}
+                   "engine_unavailable": 5, "no_gpu_memory": 30, "engine_broken": 30}
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -103,6 +135,7 @@ class _Hold:
 @dataclass
 class _SleepOrder:
     level: int
+    reason: str
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -116,16 +149,22 @@ class Stats:
     last_wake_seconds: float | None = None
     last_error: str | None = None
     last_freed_bytes: int | None = None   # GPU memory the last sleep gave back, as NVML saw it
+    memory_waits: int = 0                 # wakes that had to wait for GPU memory
+    restarts: int = 0                     # runs of the restart command
+    broken_reason: str | None = None
 
 
 class Supervisor:
     def __init__(self, config: Config, engine: Engine, clock: Clock,
-                 observers: Sequence[Observer] = (), gpu: GpuReader | None = None):
+                 observers: Sequence[Observer] = (), guard: Guard | None = None,
+                 neighbours: Neighbours | None = None, restart: Restarter | None = None):
         self.config = config
         self._engine = engine
         self._clock = clock
-        self._observers = tuple(observers)
-        self._gpu = gpu
+        self._observers = list(observers)
+        self._guard = guard
+        self._neighbours = neighbours
+        self._restart = restart
         self._log = structlog.get_logger("autosleepd.supervisor")
         self.state = State.STARTING
         self.in_flight = 0
@@ -139,6 +178,10 @@ class Supervisor:
         self._last_work_end = clock.now()
         self._next_probe = clock.now()
         self._unreachable_delay = UNREACHABLE_BACKOFF[0]
+        self._memory_wait: dict | None = None   # what a wake waits for, while it waits
+        self._restart_delay = RESTART_BACKOFF[0]
+        self._next_restart = clock.now()
+        self._restart_pending = True            # broken, and no restart tried since
         self._changed = asyncio.Event()
         self._transitioned = asyncio.Event()
         self._closing = False
@@ -163,6 +206,13 @@ class Supervisor:
         try:
             await self._hold(work=True, until=until)
         except _HoldExpired:
+            if self._memory_wait is not None:
+                raise self._refuse("no_gpu_memory", "not enough GPU memory to wake the engine "
+                                   f"within {self.config.wake_timeout:g}s: "
+                                   f"{self._memory_wait['text']}") from None
+            if self.state is State.BROKEN:
+                raise self._refuse("engine_broken", "the engine is broken (a wake failed: "
+                                   f"{self.stats.broken_reason}); it needs a restart") from None
             if self.state in (State.STARTING, State.UNAVAILABLE):
                 raise self._refuse("engine_unavailable", "the engine at "
                                    f"{self.config.upstream} did not answer within "
@@ -187,7 +237,14 @@ class Supervisor:
 
     # ----- what the admin endpoints call ----------------------------------------------------
 
-    async def order_sleep(self, level: int) -> None:
+    async def order_evict(self) -> None:
+        """A neighbour needs this GPU's memory: sleep now, but only if idle."""
+        if self.state is not State.AWAKE or self.in_flight or self._held or self._sleep_order:
+            raise OrderFailed(f"busy: {self.state.value}, {self.in_flight} in flight, "
+                              f"{self._queued} held")
+        await self.order_sleep(self.config.sleep_level, reason="eviction")
+
+    async def order_sleep(self, level: int, reason: str = "manual") -> None:
         """Drain, then sleep at ``level``; returns once asleep. Raises ``OrderFailed``."""
         if not self.sleep_supported:
             raise OrderFailed("the engine has no sleep endpoints (is vLLM started with "
@@ -197,14 +254,14 @@ class Supervisor:
                 return
             raise OrderFailed(f"the engine already sleeps at level {self.asleep_level}; "
                               "wake it before sleeping at another level")
-        if self.state in (State.STARTING, State.UNAVAILABLE):
+        if self.state in (State.STARTING, State.UNAVAILABLE, State.BROKEN):
             raise OrderFailed(f"the engine is {self.state.value}")
         if self._sleep_order is not None:
             if self._sleep_order.level != level:
                 raise OrderFailed(f"a sleep at level {self._sleep_order.level} is already under way")
             order = self._sleep_order
         else:
-            order = self._sleep_order = _SleepOrder(level)
+            order = self._sleep_order = _SleepOrder(level, reason)
             self._changed.set()
         await asyncio.shield(order.done)
 
@@ -226,6 +283,13 @@ class Supervisor:
     @property
     def queued(self) -> int:
         return self._queued
+
+    @property
+    def broken(self) -> bool:
+        return self.state is State.BROKEN
+
+    def add_observer(self, observer: Observer) -> None:
+        self._observers.append(observer)
 
     def idle_seconds(self) -> float:
         if self.in_flight or self._queued:
@@ -253,6 +317,12 @@ class Supervisor:
             "last_wake_seconds": s.last_wake_seconds,
             "last_error": s.last_error,
             "gpu_memory_freed_bytes": s.last_freed_bytes,
+            "waiting_for_memory": (None if self._memory_wait is None else
+                                   {k: v for k, v in self._memory_wait.items() if k != "text"}),
+            "memory_waits": s.memory_waits,
+            "broken_reason": s.broken_reason,
+            "restarts": s.restarts,
+            "memory": self._guard.status() if self._guard else None,
         }
 
     async def wait_for(self, *states: State, timeout: float) -> None:
@@ -305,10 +375,15 @@ class Supervisor:
                 return self._wake, None
             if self._sleep_order is not None:
                 self._settle_sleep_order_asleep()
+        if state is State.BROKEN:
+            self._fail_sleep_order("the engine is broken")
+            if self._restart is not None and self._restart_pending and now >= self._next_restart:
+                return self._restart_engine, None
+            return (self._probe, None) if now >= self._next_probe else (None, self._next_probe)
         if state is State.AWAKE:
             if self._sleep_order is not None:
                 order = self._sleep_order
-                return (lambda: self._fall_asleep(order.level, "manual", order)), None
+                return (lambda: self._fall_asleep(order.level, order.reason, order)), None
             idle_at = self._idle_deadline()
             if idle_at is not None and now >= idle_at:
                 return (lambda: self._fall_asleep(self.config.sleep_level, "idle", None)), None
@@ -339,6 +414,9 @@ class Supervisor:
     async def _probe(self) -> None:
         """Re-read the engine's real state and follow it."""
         sleeping = await self._read_engine()
+        if self.state is State.BROKEN:
+            await self._probe_broken(sleeping)
+            return
         if isinstance(sleeping, EngineError):
             self._engine_down(sleeping)
             return
@@ -360,6 +438,44 @@ class Supervisor:
             self._last_work_end = self._clock.now()   # the idle window starts when seen awake
             self._enter(State.AWAKE, "found_awake")
 
+    async def _probe_broken(self, sleeping: bool | EngineError) -> None:
+        """A broken engine recovers only by a restart: a fresh vLLM answers awake and serves."""
+        self._next_probe = self._clock.now() + UNREACHABLE_BACKOFF[1]
+        if isinstance(sleeping, EngineError):
+            self._restart_pending = False   # down, so restarting (or being restarted): let it load
+            return
+        if sleeping:
+            self._restart_pending = True    # still the zombie
+            return
+        failure = await self._check_inference()
+        if failure is not None:
+            self._restart_pending = True
+            return
+        self.stats.broken_reason = None
+        self._restart_delay = RESTART_BACKOFF[0]
+        self.asleep_level = None
+        self._last_work_end = self._clock.now()
+        self._enter(State.AWAKE, "recovered")
+
+    async def _restart_engine(self) -> None:
+        self._restart_pending = False
+        self.stats.restarts += 1
+        ok = await self._restart()
+        self._tell("restarted", ok)
+        self._next_restart = self._clock.now() + self._restart_delay
+        self._restart_delay = min(self._restart_delay * 2, RESTART_BACKOFF[1])
+        self._next_probe = self._clock.now()
+
+    async def _check_inference(self) -> str | None:
+        """A one-token completion, when configured: None if the engine answered it."""
+        if self.config.wake_check != "request":
+            return None
+        try:
+            await self._engine.check_inference(timeout=INFERENCE_CHECK_TIMEOUT)
+        except EngineError as error:
+            return str(error)
+        return None
+
     def _engine_down(self, error: EngineError) -> None:
         self.stats.last_error = str(error)
         if self.state is not State.STARTING and self.state is not State.UNAVAILABLE:
@@ -380,6 +496,18 @@ class Supervisor:
                                  "autosleepd keeps proxying without sleeping")
 
     async def _fall_asleep(self, level: int, reason: str, order: _SleepOrder | None) -> None:
+        if self._guard is not None:
+            chosen, why = self._guard.level_for_sleep(level)
+            if chosen is None:
+                self._sleep_order = None
+                self._last_work_end = self._clock.now()   # ask again after another idle window
+                self._log.warning("sleep_refused", sleep_level=level, reason=why,
+                                  hint="AUTOSLEEPD_LEVEL1_FALLBACK=refuse")
+                self._settle(order, OrderFailed(f"a level-1 sleep was refused: {why}"))
+                return
+            if chosen != level:
+                self._log.warning("level1_fallback", from_level=level, to_level=chosen, reason=why)
+                level = chosen
         self._enter(State.FALLING_ASLEEP, reason, sleep_level=level)
         started = self._clock.now()
         if self.in_flight:
@@ -393,7 +521,8 @@ class Supervisor:
                 self._settle(order, OrderFailed(f"{self.in_flight} requests were still in flight "
                                                 f"after {self.config.drain_timeout:g}s"))
                 return
-        used_before = await self._gpu_used()
+        if self._guard is not None:
+            await self._guard.before_sleep()
         try:
             await self._engine.sleep(level, timeout=self.config.sleep_timeout)
         except EngineError as error:
@@ -411,9 +540,10 @@ class Supervisor:
             self._settle(order, OrderFailed(f"the sleep call failed: {error}"))
             return
         seconds = self._clock.now() - started
-        used_after = await self._gpu_used()
-        if used_before is not None and used_after is not None:
-            self.stats.last_freed_bytes = max(0, used_before - used_after)
+        if self._guard is not None:
+            freed = await self._guard.after_sleep(level)
+            if freed is not None:
+                self.stats.last_freed_bytes = freed
         self._sleep_order = None
         self.asleep_level = level
         self.stats.sleeps += 1
@@ -427,34 +557,16 @@ class Supervisor:
         reason = "request" if self._queued else "manual"
         self._enter(State.WAKING, reason, sleep_level=level)
         started = self._clock.now()
-        delay = WAKE_RETRY_BACKOFF[0]
-        while True:
-            try:
-                await self._engine.wake(level, timeout=self.config.wake_timeout)
-                if await self._engine.is_sleeping(timeout=PROBE_TIMEOUT):
-                    raise EngineError("the engine still reports is_sleeping=true after the wake")
-            except EngineError as error:
-                self.stats.wake_failures += 1
-                self._tell("wake_failed")
-                self.stats.last_error = str(error)
-                self._log.error("wake_failed", sleep_level=level, error=str(error))
-                sleeping = await self._read_engine()
-                if isinstance(sleeping, EngineError):
-                    self._engine_down(sleeping)
-                    return
-                if not sleeping:
-                    break   # the engine is awake after all
-                if not self._held or self._closing:
-                    self._enter(State.ASLEEP, "wake_failed")
-                    return
-                self._changed.clear()
-                await self._wait(self._clock.now() + delay)
-                delay = min(delay * 2, WAKE_RETRY_BACKOFF[1])
-                if not self._held:
-                    self._enter(State.ASLEEP, "wake_abandoned")
-                    return
-                continue
-            break
+        locks = await self._wait_for_room()
+        if locks is False:
+            return
+        try:
+            woke = await self._call_wake(level)
+        finally:
+            if locks is not None:
+                locks.release()
+        if not woke:
+            return
         seconds = self._clock.now() - started
         self.stats.wakes += 1
         self.stats.last_wake_seconds = round(seconds, 3)
@@ -462,20 +574,114 @@ class Supervisor:
         self._last_work_end = self._clock.now()
         self._enter(State.AWAKE, reason, sleep_level=level)
         self._tell("woke", level, reason, seconds)
+        if self._guard is not None:
+            await self._guard.learn(awake=True)
+
+    async def _wait_for_room(self):
+        """Hold the wake until the engine's GPUs have room for it.
+
+        Returns the GPU locks to release after the wake (None without coordination), or False
+        when nobody waits any more: then the engine stays asleep and no /wake_up was sent.
+        """
+        if self._guard is None:
+            return None
+        locks = None
+        waited = False
+        try:
+            while True:
+                if locks is None and self._neighbours is not None:
+                    gpus, pids = await self._guard.read()
+                    locks = self._neighbours.locks([g.uuid for g in self._guard.engine_gpus(gpus, pids)])
+                if locks is not None and not locks.try_acquire():
+                    self._note_memory_wait({"text": "another sidecar is waking on the same GPU",
+                                            "gpu_lock": True})
+                else:
+                    shortfall = await self._guard.shortfall()
+                    if shortfall is None:
+                        if waited:
+                            self._log.info("memory_available")
+                        self._memory_wait = None
+                        return locks
+                    self._note_memory_wait({"text": shortfall.describe(), **shortfall.as_dict()})
+                    if self._neighbours is not None:
+                        await self._neighbours.evict_for(shortfall.gpu.uuid)
+                if not waited:
+                    waited = True
+                    self.stats.memory_waits += 1
+                    self._tell("memory_wait")
+                if not self._held or self._closing:
+                    self._log.warning("wake_abandoned", reason="no GPU memory, and nobody waits any more",
+                                      waited_for=self._memory_wait["text"])
+                    self._memory_wait = None
+                    if locks is not None:
+                        locks.release()
+                    self._enter(State.ASLEEP, "no_gpu_memory")
+                    return False
+                self._changed.clear()
+                await self._wait(self._clock.now() + self.config.memory_poll)
+        except BaseException:
+            if locks is not None:
+                locks.release()
+            raise
+
+    def _note_memory_wait(self, wait: dict) -> None:
+        if self._memory_wait is None or self._memory_wait["text"] != wait["text"]:
+            self._log.warning("waiting_for_memory", **{k: v for k, v in wait.items()})
+        self._memory_wait = wait
+
+    async def _call_wake(self, level: int) -> bool:
+        """The wake calls, retried with backoff while anyone waits. True once awake."""
+        delay = WAKE_RETRY_BACKOFF[0]
+        failures = 0
+        while True:
+            try:
+                await self._engine.wake(level, timeout=self.config.wake_timeout)
+                if await self._engine.is_sleeping(timeout=PROBE_TIMEOUT):
+                    raise EngineError("the engine still reports is_sleeping=true after the wake")
+            except EngineError as error:
+                failures += 1
+                self.stats.wake_failures += 1
+                self.stats.last_error = str(error)
+                self._tell("wake_failed")
+                self._log.error("wake_failed", sleep_level=level, error=str(error), attempt=failures)
+                sleeping = await self._read_engine()
+                if isinstance(sleeping, EngineError):
+                    self._engine_down(sleeping)
+                    return False
+                if not sleeping:
+                    break   # the engine is awake after all
+                if "out of memory" in str(error).lower() or failures >= WAKE_ATTEMPTS:
+                    self._become_broken(str(error))
+                    return False
+                if not self._held or self._closing:
+                    self._enter(State.ASLEEP, "wake_failed")
+                    return False
+                self._changed.clear()
+                await self._wait(self._clock.now() + delay)
+                delay = min(delay * 2, WAKE_RETRY_BACKOFF[1])
+                if not self._held:
+                    self._enter(State.ASLEEP, "wake_abandoned")
+                    return False
+                continue
+            break
+        failure = await self._check_inference()
+        if failure is not None:
+            self._become_broken(f"awake, but a one-token completion failed: {failure}")
+            return False
+        return True
+
+    def _become_broken(self, why: str) -> None:
+        self.stats.broken_reason = why
+        self._restart_pending = True
+        self._next_restart = self._clock.now()
+        self._next_probe = self._clock.now() + UNREACHABLE_BACKOFF[1]
+        self._enter(State.BROKEN, "wake_failed", error=why)
 
     # ----- mechanics -------------------------------------------------------------------------
 
     def _tell(self, event: str, *args) -> None:
         for observer in self._observers:
             getattr(observer, event)(*args)
-
-    async def _gpu_used(self) -> int | None:
-        if self._gpu is None:
-            return None
-        try:
-            return sum(gpu.used for gpu in await read_gpus(self._gpu))
-        except GpuUnavailable:
-            return None
 
     def _enter(self, new: State, reason: str, **details) -> None:
         old = self.state

@@ -76,11 +76,12 @@ async def make_sim():
 async def make_proxy():
     servers: list[Autosleepd] = []
 
-    async def make(upstream: str, wait_ready: bool = True, gpu=None, **overrides) -> Autosleepd:
+    async def make(upstream: str, wait_ready: bool = True, gpu=None, processes=None,
+                   restart=None, **overrides) -> Autosleepd:
         defaults = dict(upstream=upstream, host="127.0.0.1", port=0, idle_timeout=0,
                         wake_timeout=10.0, probe_interval=30.0)
         server = Autosleepd(dataclasses.replace(Config(), **{**defaults, **overrides}),
-                            gpu=gpu or NoGpu())
+                            gpu=gpu or NoGpu(), processes=processes, restart=restart)
         await server.start()
         servers.append(server)
         if wait_ready:
@@ -89,6 +90,8 @@ async def make_proxy():
 
     yield make
     for server in servers:
+        if server._control.done():   # the control loop must never die
+            raise AssertionError(f"the control loop ended: {server._control!r}")
         await server.shutdown()
 
 

@@ -59,6 +59,9 @@ class FakeEngine:
         await self._enter("wake", level)
         self.sleeping, self.level = False, None
 
+    async def check_inference(self, timeout: float) -> None:
+        await self._enter("check_inference")
+
     def count(self, op: str) -> int:
         return sum(1 for call in self.calls if call[0] == op)
 
@@ -238,20 +241,32 @@ async def test_a_failed_wake_is_retried_with_backoff_and_then_succeeds(rig):
     assert supervisor.status()["wake_failures"] == 2
 
 
-async def test_a_wake_that_keeps_failing_stops_when_nobody_waits(rig):
+async def test_a_wake_that_keeps_failing_marks_the_engine_broken_and_stops_calling_it(rig):
     supervisor, engine, clock = await rig(FakeEngine(sleeping=True, level=1), wake_timeout=10)
     engine.fail("wake", EngineRefused("POST /wake_up", 500, "boom"), times=1000)
     held = asyncio.create_task(supervisor.admit())
     for _ in range(20):
         clock.advance(1)
         await settle()
-    with pytest.raises(Refused):
+    with pytest.raises(Refused) as refused:
         await held
-    await settle()
-    calls = engine.count("wake")
+    assert refused.value.reason == "engine_broken" and "boom" in refused.value.message
+    assert supervisor.state is State.BROKEN and engine.count("wake") == 3
     clock.advance(600)
     await settle()
-    assert supervisor.state is State.ASLEEP and engine.count("wake") == calls
+    assert engine.count("wake") == 3, "a broken engine is not woken again"
+
+
+async def test_a_wake_that_fails_once_stops_when_nobody_waits_any_more(rig):
+    supervisor, engine, clock = await rig(FakeEngine(sleeping=True, level=1))
+    engine.fail("wake", EngineRefused("POST /wake_up", 500, "boom"), times=1)
+    held = asyncio.create_task(supervisor.admit())
+    await settle()
+    held.cancel()
+    await asyncio.gather(held, return_exceptions=True)
+    clock.advance(1)
+    await settle()
+    assert supervisor.state is State.ASLEEP and engine.count("wake") == 1
 
 
 async def test_a_failed_sleep_returns_to_awake_and_waits_another_idle_window(rig):

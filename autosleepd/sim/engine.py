@@ -51,6 +51,11 @@ class SimSettings:
     sleep_mode: bool = True         # --enable-sleep-mode
     dummy_weights: bool = False     # --load-format dummy: reload_weights fails
     sleep_state_metric: bool = True  # vllm:engine_sleep_state in /metrics (vLLM >= Nov 2025)
+    # Memory model, used when the engine is given a SimGpu: what it holds on the GPU awake
+    # (weights + KV cache) and asleep, and the weights it backs up in host RAM at level 1.
+    awake_bytes: int = 60 * 2**30
+    asleep_bytes: int = 2 * 2**30
+    weights_bytes: int = 16 * 2**30
 
 
 @dataclass
@@ -79,8 +84,16 @@ class SimStats:
 class SimulatedEngine:
     """One simulated vLLM server. ``start()`` listens (after ``load_seconds``); ``kill()`` dies."""
 
-    def __init__(self, settings: SimSettings | None = None, host: str = "127.0.0.1", port: int = 0):
+    _next_pid = 4_000_000   # fake pids, far above real ones
+
+    def __init__(self, settings: SimSettings | None = None, host: str = "127.0.0.1", port: int = 0,
+                 gpu=None):
         self.settings = settings or SimSettings()
+        self.gpu = gpu                  # a SimGpu shared with other engines, or None
+        self.pid = SimulatedEngine._next_pid
+        SimulatedEngine._next_pid += 1
+        self.host_bytes = 0             # host RAM holding the level-1 weight backup
+        self.listening = False
         self.host = host
         self._sock = self._bind(port)
         self.port = self._sock.getsockname()[1]
@@ -112,6 +125,7 @@ class SimulatedEngine:
         self.paused = False             # /sleep received: the scheduler takes no new work
         self._awake = asyncio.Event()
         self._awake.set()
+        self.zombie = False             # a wake ran out of GPU memory: only a restart helps
         self._in_flight: set[asyncio.Task] = set()   # every work request, waiting or running
         self._running: set[asyncio.Task] = set()     # those past the scheduler (engine awake)
         self._aborted: set[asyncio.Task] = set()
@@ -131,11 +145,17 @@ class SimulatedEngine:
     async def start(self) -> None:
         if self.settings.load_seconds:
             await asyncio.sleep(self.settings.load_seconds)   # the model loads; port refuses
+        if self.gpu is not None:
+            if self.gpu.free < self.settings.awake_bytes:
+                raise RuntimeError(f"CUDA out of memory while loading: {self.gpu.free} bytes free, "
+                                   f"{self.settings.awake_bytes} needed")
+            self.gpu.take(self.pid, self.settings.awake_bytes)
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_route("*", "/{path:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
+        self.listening = True
 
     async def kill(self) -> None:
         """Die like a killed process: connections cut, port closed, state forgotten."""
@@ -150,6 +170,10 @@ class SimulatedEngine:
             await self._runner.cleanup()   # closes the listening socket
             self._runner = None
             self._sock = self._bind(self.port)
+        self.listening = False
+        if self.gpu is not None:
+            self.gpu.release_all(self.pid)   # a dead process gives all its memory back
+        self.host_bytes = 0
         self._reset_engine()
 
     async def restart(self) -> None:
@@ -264,6 +288,10 @@ class SimulatedEngine:
             return web.Response(status=200)   # paused only; /wake_up resumes
         self.level = level
         self.asleep_tags = {"weights", "kv_cache"}
+        if self.gpu is not None:
+            self.gpu.set_holding(self.pid, self.settings.asleep_bytes)
+        if level == 1:
+            self.host_bytes = self.settings.weights_bytes   # pinned CPU backup of the weights
         if level == 2:
             self.weights_valid = False
             self.weights_reloaded = False
@@ -273,6 +301,16 @@ class SimulatedEngine:
         tags = set(request.query.getall("tags", [])) or {"weights", "kv_cache", "scheduling"}
         if not tags <= {"weights", "kv_cache", "scheduling"}:
             return _error(400, f"unknown tags {sorted(tags)}", "BadRequestError")
+        if self.zombie:
+            return _error(500, "CUDA Error: invalid argument", "InternalServerError")
+        if self.sleeping and self.gpu is not None:
+            held = self.gpu.holdings.get(self.pid, 0)
+            need = self._awake_holding(self.asleep_tags - tags) - held
+            if need > 0 and self.gpu.take(self.pid, need) < need:
+                # As measured: the engine keeps what it mapped and can never wake again.
+                self.zombie = True
+                self.stats.violations["wake_without_memory"] += 1
+                return _error(500, "CUDA Error: out of memory", "InternalServerError")
         if self.sleeping:
             if self.level == 2 and "kv_cache" in tags:
                 if "weights" in self.asleep_tags and "weights" not in tags:
@@ -284,6 +322,7 @@ class SimulatedEngine:
         if not self.asleep_tags:
             self.level = None
             self.paused = False
+            self.host_bytes = 0
             self._awake.set()
         return web.Response(status=200)
 
@@ -306,6 +345,17 @@ class SimulatedEngine:
 
     async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
         return web.json_response({"success": True})
+
+    def _awake_holding(self, still_asleep: set[str]) -> int:
+        """GPU bytes held once only ``still_asleep`` tags sleep: weights first, then KV cache."""
+        s = self.settings
+        weights = min(s.weights_bytes, s.awake_bytes - s.asleep_bytes)
+        holding = s.awake_bytes
+        if "kv_cache" in still_asleep:
+            holding -= s.awake_bytes - s.asleep_bytes - weights
+        if "weights" in still_asleep:
+            holding -= weights
+        return holding
 
     def _abort_all(self) -> None:
         for task in list(self._in_flight):
@@ -384,7 +434,8 @@ class SimulatedEngine:
     async def _sim_endpoint(self, request: web.Request) -> web.Response:
         if request.path == "/sim/stats":
             return web.json_response({**self.stats.as_dict(), "sleeping": self.sleeping,
-                                      "level": self.level, "dead": self.dead})
+                                      "level": self.level, "dead": self.dead,
+                                      "zombie": self.zombie})
         if request.path == "/sim/fault" and request.method == "POST":
             spec = await request.json()
             self.fail_next(spec.pop("path"), spec.pop("times", 1), **spec)

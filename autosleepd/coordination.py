@@ -1,0 +1,151 @@
+"""Sidecars that share GPUs see each other through a shared directory.
+
+Each publishes ``<instance>.json`` (its engine's state, GPUs, memory awake, last use, and how
+busy it is) on every transition and every heartbeat, and answers eviction requests on
+``<instance>.sock``. A waking sidecar that lacks memory asks the least recently used idle
+neighbour to sleep; the neighbour decides for itself (it refuses when busy). Wakes and
+evictions on one GPU are serialized by ``gpu-<uuid>.lock`` (flock), so two sidecars never wake
+into the same free memory. An entry not refreshed for ``STALE_AFTER`` seconds belongs to a
+crashed sidecar and is ignored.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+import structlog
+
+from .supervisor import Observer, State
+
+HEARTBEAT = 2.0
+STALE_AFTER = 10.0
+
+
+class GpuLocks:
+    """Exclusive flocks on a set of GPUs, taken in a fixed order so two takers never deadlock."""
+
+    def __init__(self, directory: Path, uuids: list[str]):
+        self._paths = [directory / f"gpu-{uuid}.lock" for uuid in sorted(set(uuids))]
+        self._files: list = []
+
+    def try_acquire(self) -> bool:
+        for path in self._paths[len(self._files):]:
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                return False
+            self._files.append(handle)
+        return True
+
+    def release(self) -> None:
+        for handle in reversed(self._files):
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        self._files.clear()
+
+
+class Coordinator(Observer):
+    def __init__(self, directory: str, instance: str, read_entry: Callable[[], dict],
+                 wall: Callable[[], float] = time.time, request_timeout: float = 300.0):
+        self.directory = Path(directory)
+        self.instance = instance
+        self.socket_path = str(self.directory / f"{instance}.sock")
+        self._entry_path = self.directory / f"{instance}.json"
+        self._read_entry = read_entry
+        self._wall = wall
+        self._timeout = request_timeout
+        self._log = structlog.get_logger("autosleepd.coordination")
+        self.evictions_asked = 0
+        self.evictions_done = 0
+
+    def prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)   # left by a crashed run of this instance
+
+    # ----- publishing -------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        entry = {**self._read_entry(), "instance": self.instance, "pid": os.getpid(),
+                 "socket": self.socket_path, "updated": self._wall()}
+        temporary = self._entry_path.with_suffix(".tmp")
+        try:
+            temporary.write_text(json.dumps(entry))
+            temporary.replace(self._entry_path)   # readers never see half an entry
+        except OSError as error:
+            self._log.warning("coordination_publish_failed", error=str(error))
+
+    def transition(self, old: State, new: State, reason: str, seconds: float) -> None:
+        self.publish()
+
+    def withdraw(self) -> None:
+        for path in (self._entry_path, Path(self.socket_path)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    # ----- neighbours -------------------------------------------------------------------------
+
+    def neighbours(self) -> list[dict]:
+        now = self._wall()
+        found = []
+        for path in self.directory.glob("*.json"):
+            if path == self._entry_path:
+                continue
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(entry, dict) or now - float(entry.get("updated", 0)) > STALE_AFTER:
+                continue   # a crashed sidecar's entry
+            found.append(entry)
+        return found
+
+    async def evict_for(self, gpu_uuid: str) -> str | None:
+        """Ask the least recently used idle awake neighbour on this GPU to sleep.
+
+        Returns the name of the neighbour that slept, or None. The caller still checks the
+        memory with NVML: a neighbour's word is not proof that the memory came back.
+        """
+        idle = [n for n in self.neighbours()
+                if gpu_uuid in n.get("gpus", []) and n.get("state") == "awake"
+                and not n.get("in_flight") and not n.get("queued")]
+        for neighbour in sorted(idle, key=lambda n: n.get("last_used", 0)):
+            self.evictions_asked += 1
+            self._log.info("eviction_asked", neighbour=neighbour["instance"], gpu=gpu_uuid)
+            if await self._ask_to_sleep(neighbour):
+                self.evictions_done += 1
+                self._log.info("eviction_done", neighbour=neighbour["instance"])
+                return neighbour["instance"]
+        return None
+
+    async def _ask_to_sleep(self, neighbour: dict) -> bool:
+        try:
+            connector = aiohttp.UnixConnector(path=neighbour["socket"])
+            async with aiohttp.ClientSession(connector=connector) as session:
+                async with session.post("http://sidecar/autosleepd/evict",
+                                        timeout=aiohttp.ClientTimeout(total=self._timeout)) as response:
+                    if response.status == 200:
+                        return True
+                    self._log.info("eviction_refused", neighbour=neighbour["instance"],
+                                   status=response.status, answer=(await response.text())[:200])
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            self._log.warning("eviction_failed", neighbour=neighbour.get("instance"), error=repr(error))
+        return False
+
+    def locks(self, uuids: list[str]) -> GpuLocks:
+        return GpuLocks(self.directory, uuids)
+
+    def status(self) -> dict:
+        return {"directory": str(self.directory), "instance": self.instance,
+                "neighbours": sorted(n["instance"] for n in self.neighbours()),
+                "evictions_asked": self.evictions_asked, "evictions_done": self.evictions_done}
