@@ -16,8 +16,10 @@ from .supervisor import OrderFailed, Supervisor
 
 
 class Admin:
-    def __init__(self, supervisor: Supervisor, token: str | None, default_level: int):
+    def __init__(self, supervisor: Supervisor, token: str | None, default_level: int,
+                 read_status=None):
         self.supervisor = supervisor
+        self._read_status = read_status or supervisor.status
         self._token = token
         self._default_level = default_level
         self.metrics_handler = None   # set when metrics are served
@@ -33,7 +35,7 @@ class Admin:
         ]
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.supervisor.status())
+        return web.json_response(self._read_status())
 
     async def healthz(self, request: web.Request) -> web.Response:
         # autosleepd itself answers: that is all this says, whatever the engine's state.
@@ -66,7 +68,7 @@ class Admin:
             await self.supervisor.order_sleep(int(raw))
         except OrderFailed as failed:
             return error_response(409, f"sleep failed: {failed}", "conflict", "sleep_failed")
-        return web.json_response(self.supervisor.status())
+        return web.json_response(self._read_status())
 
     async def wake(self, request: web.Request) -> web.Response:
         denied = self._authorize(request)
@@ -77,7 +79,7 @@ class Admin:
         except OrderFailed as failed:
             return error_response(503, f"wake failed: {failed}", "service_unavailable",
                                   "wake_failed", retry_after=10)
-        return web.json_response(self.supervisor.status())
+        return web.json_response(self._read_status())
 
     async def not_found(self, request: web.Request) -> web.Response:
         return error_response(404, f"no such autosleepd endpoint: {request.method} {request.path}",

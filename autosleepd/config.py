@@ -86,6 +86,7 @@ class Config:
     level1_fallback: str = "level2"      # when host RAM is short: "level2" or "refuse"
     memory_poll: float = 0.25            # how often free memory is re-read while waiting for it
     restart_command: str | None = None   # runs when the engine is broken (a failed wake)
+    restart_backoff: float = 10.0        # before re-running it for an engine still broken; doubles
     coordination_dir: str | None = None  # shared by the sidecars of engines on the same GPUs
     instance: str | None = None          # this sidecar's name there; default host-port
     passive_paths: frozenset[str] = PASSIVE_PATHS
@@ -124,6 +125,7 @@ class Config:
                                      _choice(("level2", "refuse"))),
             memory_poll=read.get("MEMORY_POLL", cls.memory_poll, _positive_duration),
             restart_command=read.get("ENGINE_RESTART_COMMAND", None, _optional_text),
+            restart_backoff=read.get("RESTART_BACKOFF", cls.restart_backoff, _positive_duration),
             coordination_dir=read.get("COORDINATION_DIR", None, _absolute_dir),
             instance=read.get("INSTANCE", None, _instance_name),
             passive_paths=(PASSIVE_PATHS | extra_passive) - extra_blocked,

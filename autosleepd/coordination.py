@@ -116,10 +116,12 @@ class Coordinator(Observer):
         Returns the name of the neighbour that slept, or None. The caller still checks the
         memory with NVML: a neighbour's word is not proof that the memory came back.
         """
-        idle = [n for n in self.neighbours()
-                if gpu_uuid in n.get("gpus", []) and n.get("state") == "awake"
-                and not n.get("in_flight") and not n.get("queued")]
-        for neighbour in sorted(idle, key=lambda n: n.get("last_used", 0)):
+        # The entry's activity is a hint (refreshed on transitions and heartbeats): the
+        # neighbour itself refuses when busy. Idle-looking ones are asked first, oldest use first.
+        awake = [n for n in self.neighbours()
+                 if gpu_uuid in n.get("gpus", []) and n.get("state") == "awake"]
+        for neighbour in sorted(awake, key=lambda n: (bool(n.get("in_flight") or n.get("queued")),
+                                                      n.get("last_used", 0))):
             self.evictions_asked += 1
             self._log.info("eviction_asked", neighbour=neighbour["instance"], gpu=gpu_uuid)
             if await self._ask_to_sleep(neighbour):
@@ -136,7 +138,7 @@ class Coordinator(Observer):
                                         timeout=aiohttp.ClientTimeout(total=self._timeout)) as response:
                     if response.status == 200:
                         return True
-                    self._log.info("eviction_refused", neighbour=neighbour["instance"],
+                    self._log.debug("eviction_refused", neighbour=neighbour["instance"],
                                    status=response.status, answer=(await response.text())[:200])
         except (aiohttp.ClientError, OSError, TimeoutError) as error:
             self._log.warning("eviction_failed", neighbour=neighbour.get("instance"), error=repr(error))

@@ -66,6 +66,7 @@ class MemoryGuard:
         self._used_before_sleep: dict[str, int] = {}
         self._rss_before_sleep: int | None = None
         self._pid_warned = False
+        self._last_gpus: list[GpuMemory] = []
 
     # ----- the engine's processes -------------------------------------------------------------
 
@@ -85,6 +86,7 @@ class MemoryGuard:
 
     async def read(self) -> tuple[list[GpuMemory], set[int]]:
         gpus = await read_gpus(self._gpu)
+        self._last_gpus = gpus
         return gpus, await asyncio.to_thread(self.engine_pids)
 
     def engine_gpus(self, gpus: list[GpuMemory], pids: set[int]) -> list[GpuMemory]:
@@ -230,6 +232,8 @@ class MemoryGuard:
 
     def status(self) -> dict:
         learned = self.learned
-        return {"wake_memory_override_bytes": self.config.wake_memory or None,
+        return {"gpus": [{"index": g.index, "uuid": g.uuid, "total_bytes": g.total,
+                          "free_bytes": g.free} for g in self._last_gpus],
+                "wake_memory_override_bytes": self.config.wake_memory or None,
                 "engine_awake_bytes": learned.awake, "engine_asleep_bytes": learned.asleep,
                 "last_freed_bytes": learned.freed, "weights_host_bytes": learned.weights_host}

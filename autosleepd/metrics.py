@@ -11,10 +11,10 @@ from typing import Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .supervisor import State
+from .supervisor import Observer, State
 
 disable_created_metrics()   # the *_created series only double the size of every scrape
 
@@ -23,7 +23,7 @@ TRANSITION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 HOLD_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
 
-class Metrics:
+class Metrics(Observer):
     """The supervisor's and the proxy's observer, and the owner of the registry."""
 
     def __init__(self) -> None:
@@ -54,8 +54,13 @@ class Metrics:
                                registry=r)
         self.transitions = Counter("autosleepd_transitions_total", "State transitions.",
                                    ["from_state", "to_state"], registry=r)
+        self.memory_waits = Counter("autosleepd_memory_waits_total",
+                                    "Wakes that had to wait for GPU memory.", registry=r)
+        self.restarts = Counter("autosleepd_engine_restarts_total",
+                                "Runs of the restart command for a broken engine, by outcome.",
+                                ["outcome"], registry=r)
         for reason in ("queue_full", "wake_timeout", "engine_unavailable", "shutting_down",
-                       "blocked_path"):
+                       "blocked_path", "no_gpu_memory", "engine_broken"):
             self.refused.labels(reason)
         self._live: Callable[[], dict] | None = None
         self.registry.register(_LiveCollector(self))
@@ -82,6 +87,12 @@ class Metrics:
 
     def wake_failed(self) -> None:
         self.wake_failures.inc()
+
+    def memory_wait(self) -> None:
+        self.memory_waits.inc()
+
+    def restarted(self, ok: bool) -> None:
+        self.restarts.labels("ok" if ok else "failed").inc()
 
     def released(self, held_seconds: float) -> None:
         self.held_seconds.observe(held_seconds)
@@ -126,6 +137,34 @@ class _LiveCollector:
                                                             "(0 while any is in flight or held)."),
                 ("autosleepd_sleep_supported", "sleep_supported", "1 if the engine can sleep.")):
             yield GaugeMetricFamily(name, text, value=float(live[key]))
+        memory = live.get("memory") or {}
+        for name, key, text in (
+                ("autosleepd_engine_memory_awake_bytes", "engine_awake_bytes",
+                 "GPU memory the engine holds awake, as learned, per GPU."),
+                ("autosleepd_engine_memory_asleep_bytes", "engine_asleep_bytes",
+                 "GPU memory the engine holds asleep, as learned, per GPU.")):
+            family = GaugeMetricFamily(name, text, labels=["gpu"])
+            for uuid, amount in sorted(memory.get(key, {}).items()):
+                family.add_metric([uuid], float(amount))
+            yield family
+        gpus = GaugeMetricFamily("autosleepd_gpu_memory_free_bytes",
+                                 "Free memory per GPU at the last reading.", labels=["gpu"])
+        total = GaugeMetricFamily("autosleepd_gpu_memory_total_bytes",
+                                  "Total memory per GPU.", labels=["gpu"])
+        for gpu in memory.get("gpus", []):
+            gpus.add_metric([gpu["uuid"]], float(gpu["free_bytes"]))
+            total.add_metric([gpu["uuid"]], float(gpu["total_bytes"]))
+        yield gpus
+        yield total
+        waiting = live.get("waiting_for_memory")
+        yield GaugeMetricFamily("autosleepd_waiting_for_memory",
+                                "1 while a wake waits for GPU memory.", value=1.0 if waiting else 0.0)
+        if live.get("coordination"):
+            coordination = live["coordination"]
+            for name, key in (("autosleepd_evictions_asked", "evictions_asked"),
+                              ("autosleepd_evictions_done", "evictions_done")):
+                yield CounterMetricFamily(name, f"Neighbours this sidecar asked to sleep ({key}).",
+                                          value=float(coordination[key]))
         freed = live.get("gpu_memory_freed_bytes")
         if freed is not None:
             yield GaugeMetricFamily("autosleepd_gpu_memory_freed_bytes",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import structlog
 
@@ -17,13 +19,14 @@ class CommandRestarter:
 
     async def __call__(self) -> bool:
         self._log.warning("engine_restart", command=self.command)
+        # Its own process group, so a timeout kills the command and everything it started.
         process = await asyncio.create_subprocess_shell(
             self.command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL)
+            stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
         try:
             output, _ = await asyncio.wait_for(process.communicate(), self._timeout)
         except TimeoutError:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
             self._log.error("engine_restart_timeout", command=self.command, seconds=self._timeout)
             return False

@@ -66,11 +66,11 @@ class Autosleepd:
                                      observers=(self.metrics, self.notifier), guard=guard,
                                      neighbours=self.coordinator, restart=restart)
         self._guard = guard
-        self.metrics.watch(self.supervisor.status)
+        self.metrics.watch(self._status)
         self.proxy = Proxy(config, self.supervisor)
         self.proxy.observer = self.metrics
         await self.proxy.start()
-        self.admin = Admin(self.supervisor, config.admin_token, config.sleep_level)
+        self.admin = Admin(self.supervisor, config.admin_token, config.sleep_level, self._status)
         app = web.Application()
         app.router.add_get("/autosleepd/metrics", self.metrics.handle)
         app.add_routes(self.admin.routes())
@@ -123,6 +123,12 @@ class Autosleepd:
         await self._close_clients()
         self.notifier.close()
         self._log.info("stopped")
+
+    def _status(self) -> dict:
+        status = self.supervisor.status()
+        if self.coordinator is not None:
+            status["coordination"] = self.coordinator.status()
+        return status
 
     def _instance_name(self) -> str:
         return self.config.instance or f"{self.config.host.replace(':', '_')}-{self.config.port}"

@@ -51,8 +51,9 @@ UNREACHABLE_BACKOFF = (0.05, 1.0)
 # is broken. An out-of-memory wake is broken at once: vLLM can never wake it again.
 WAKE_RETRY_BACKOFF = (0.25, 5.0)
 WAKE_ATTEMPTS = 3
-# Re-running the restart command for an engine that came back broken.
-RESTART_BACKOFF = (10.0, 300.0)
+# Re-running the restart command for an engine that came back broken: from
+# AUTOSLEEPD_RESTART_BACKOFF, doubling up to this.
+RESTART_BACKOFF_MAX = 300.0
 PROBE_TIMEOUT = 10.0
 INFERENCE_CHECK_TIMEOUT = 60.0
 
@@ -179,7 +180,7 @@ class Supervisor:
         self._next_probe = clock.now()
         self._unreachable_delay = UNREACHABLE_BACKOFF[0]
         self._memory_wait: dict | None = None   # what a wake waits for, while it waits
-        self._restart_delay = RESTART_BACKOFF[0]
+        self._restart_delay = config.restart_backoff
         self._next_restart = clock.now()
         self._restart_pending = True            # broken, and no restart tried since
         self._changed = asyncio.Event()
@@ -452,7 +453,7 @@ class Supervisor:
             self._restart_pending = True
             return
         self.stats.broken_reason = None
-        self._restart_delay = RESTART_BACKOFF[0]
+        self._restart_delay = self.config.restart_backoff
         self.asleep_level = None
         self._last_work_end = self._clock.now()
         self._enter(State.AWAKE, "recovered")
@@ -463,7 +464,7 @@ class Supervisor:
         ok = await self._restart()
         self._tell("restarted", ok)
         self._next_restart = self._clock.now() + self._restart_delay
-        self._restart_delay = min(self._restart_delay * 2, RESTART_BACKOFF[1])
+        self._restart_delay = min(self._restart_delay * 2, RESTART_BACKOFF_MAX)
         self._next_probe = self._clock.now()
 
     async def _check_inference(self) -> str | None:
@@ -692,9 +693,9 @@ class Supervisor:
         self.state, self._entered_at = new, now
         self._log.info("transition", from_state=old.value, to_state=new.value, reason=reason,
                        duration_s=round(seconds, 4), **details)
-        self._tell("transition", old, new, reason, seconds)
         if new is State.AWAKE:
             self._release_held()
+        self._tell("transition", old, new, reason, seconds)
         self._transitioned.set()
         self._transitioned = asyncio.Event()
 
