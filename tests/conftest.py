@@ -133,12 +133,14 @@ async def start_daemon():
                         "AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_LOG_FORMAT": "json", **env})
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "autosleepd", env=environ, stderr=asyncio.subprocess.PIPE)
+        early = []
         async with asyncio.timeout(30):
             while True:
-                line = json.loads(await process.stderr.readline())
-                if line["event"] == "listening":
+                early.append(json.loads(await process.stderr.readline()))
+                if early[-1]["event"] == "listening":
                     break
-        daemon = Daemon(process, line["port"])
+        daemon = Daemon(process, early[-1]["port"])
+        daemon.lines.extend(early)
         started.append(daemon)
         return daemon
 

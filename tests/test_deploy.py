@@ -99,6 +99,9 @@ def test_compose_keeps_vllm_internal_and_points_each_sidecar_at_its_engine(name:
         assert sidecar["depends_on"][upstream.hostname]
         assert any(p.endswith(":8080") for p in sidecar["ports"])
         assert "/autosleepd/healthz" in " ".join(sidecar["healthcheck"]["test"])
+        # A broken engine is restarted: its healthcheck asks its own sidecar.
+        check = " ".join(engines[upstream.hostname]["healthcheck"]["test"])
+        assert f"http://{sidecar_name}:8080/autosleepd/engine-healthz" in check
         pointed.add(upstream.hostname)
     assert pointed == set(engines), "each engine has exactly one sidecar"
 

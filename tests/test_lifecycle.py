@@ -74,6 +74,8 @@ async def test_logs_are_one_json_event_per_line_with_transitions_and_durations(m
         ("falling_asleep", "asleep", "idle")]
     assert transitions[-1]["duration_s"] >= 0.1 and transitions[-1]["sleep_level"] == 1
     assert all({"timestamp", "level"} <= line.keys() for line in daemon.lines)
+    # No GPU here: it says once that the memory guard is off, and otherwise works as usual.
+    assert [line["event"] for line in daemon.lines].count("memory_guard_off") == 1
 
 
 async def test_a_port_in_use_is_a_clear_error(make_sim):
