@@ -604,8 +604,8 @@ class Supervisor:
                         self._memory_wait = None
                         return locks
                     self._note_memory_wait({"text": shortfall.describe(), **shortfall.as_dict()})
-                    if self._neighbours is not None:
-                        await self._neighbours.evict_for(shortfall.gpu.uuid)
+                    if self._neighbours is not None and await self._neighbours.evict_for(shortfall.gpu.uuid):
+                        continue   # a neighbour slept: read the memory again at once
                 if not waited:
                     waited = True
                     self.stats.memory_waits += 1
