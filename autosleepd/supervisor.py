@@ -37,7 +37,7 @@ class State(str, enum.Enum):
 S = State
 TRANSITIONS: dict[State, frozenset[State]] = {
     S.STARTING: frozenset({S.AWAKE, S.ASLEEP}),
-    S.AWAKE: frozenset({S.FALLING_ASLEEP, S.ASLEEP, S.UNAVAILABLE}),
+    S.AWAKE: frozenset({S.FALLING_ASLEEP, S.ASLEEP, S.UNAVAILABLE, S.BROKEN}),
     S.FALLING_ASLEEP: frozenset({S.ASLEEP, S.AWAKE, S.UNAVAILABLE}),
     S.ASLEEP: frozenset({S.WAKING, S.AWAKE, S.UNAVAILABLE}),
     S.WAKING: frozenset({S.AWAKE, S.ASLEEP, S.UNAVAILABLE, S.BROKEN}),
@@ -562,19 +562,25 @@ class Supervisor:
         if locks is False:
             return
         try:
-            woke = await self._call_wake(level)
+            engine_seconds = await self._call_wake(level)
         finally:
             if locks is not None:
                 locks.release()
-        if not woke:
+        if engine_seconds is None:
             return
         seconds = self._clock.now() - started
         self.stats.wakes += 1
         self.stats.last_wake_seconds = round(seconds, 3)
         self.asleep_level = None
         self._last_work_end = self._clock.now()
-        self._enter(State.AWAKE, reason, sleep_level=level)
+        self._enter(State.AWAKE, reason, sleep_level=level, engine_wake_s=round(engine_seconds, 4))
         self._tell("woke", level, reason, seconds)
+        # The one-token check runs while the released requests are already on their way: it
+        # costs them nothing, and an engine that fails it is still marked broken (and restarted).
+        failure = await self._check_inference()
+        if failure is not None:
+            self._become_broken(f"awake, but a one-token completion failed: {failure}")
+            return
         if self._guard is not None:
             await self._guard.learn(awake=True)
 
@@ -604,12 +610,14 @@ class Supervisor:
                         self._memory_wait = None
                         return locks
                     self._note_memory_wait({"text": shortfall.describe(), **shortfall.as_dict()})
-                    if self._neighbours is not None and await self._neighbours.evict_for(shortfall.gpu.uuid):
-                        continue   # a neighbour slept: read the memory again at once
                 if not waited:
                     waited = True
                     self.stats.memory_waits += 1
                     self._tell("memory_wait")
+                if (self._memory_wait and not self._memory_wait.get("gpu_lock")
+                        and self._neighbours is not None
+                        and await self._neighbours.evict_for(self._memory_wait["uuid"])):
+                    continue   # a neighbour slept: read the memory again at once
                 if not self._held or self._closing:
                     self._log.warning("wake_abandoned", reason="no GPU memory, and nobody waits any more",
                                       waited_for=self._memory_wait["text"])
@@ -630,13 +638,18 @@ class Supervisor:
             self._log.warning("waiting_for_memory", **{k: v for k, v in wait.items()})
         self._memory_wait = wait
 
-    async def _call_wake(self, level: int) -> bool:
-        """The wake calls, retried with backoff while anyone waits. True once awake."""
+    async def _call_wake(self, level: int) -> float | None:
+        """The wake calls, retried with backoff while anyone waits.
+
+        Returns how long the engine's own wake took once it is awake, or None when it is not.
+        """
         delay = WAKE_RETRY_BACKOFF[0]
         failures = 0
         while True:
+            called = self._clock.now()
             try:
                 await self._engine.wake(level, timeout=self.config.wake_timeout)
+                engine_seconds = self._clock.now() - called
                 if await self._engine.is_sleeping(timeout=PROBE_TIMEOUT):
                     raise EngineError("the engine still reports is_sleeping=true after the wake")
             except EngineError as error:
@@ -648,28 +661,23 @@ class Supervisor:
                 sleeping = await self._read_engine()
                 if isinstance(sleeping, EngineError):
                     self._engine_down(sleeping)
-                    return False
+                    return None
                 if not sleeping:
-                    break   # the engine is awake after all
+                    return self._clock.now() - called   # the engine is awake after all
                 if "out of memory" in str(error).lower() or failures >= WAKE_ATTEMPTS:
                     self._become_broken(str(error))
-                    return False
+                    return None
                 if not self._held or self._closing:
                     self._enter(State.ASLEEP, "wake_failed")
-                    return False
+                    return None
                 self._changed.clear()
                 await self._wait(self._clock.now() + delay)
                 delay = min(delay * 2, WAKE_RETRY_BACKOFF[1])
                 if not self._held:
                     self._enter(State.ASLEEP, "wake_abandoned")
-                    return False
+                    return None
                 continue
-            break
-        failure = await self._check_inference()
-        if failure is not None:
-            self._become_broken(f"awake, but a one-token completion failed: {failure}")
-            return False
-        return True
+            return engine_seconds
 
     def _become_broken(self, why: str) -> None:
         self.stats.broken_reason = why

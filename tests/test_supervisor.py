@@ -406,3 +406,28 @@ async def test_close_answers_held_requests_and_refuses_new_ones(rig):
     assert refused.value.reason == "shutting_down"
     with pytest.raises(Refused):
         await supervisor.admit()
+
+
+async def test_held_work_goes_at_once_and_an_engine_failing_the_one_token_check_is_broken(rig):
+    engine = FakeEngine(sleeping=True, level=1)
+    gate = engine.block("check_inference")
+    engine.fail("check_inference", EngineRefused("POST /v1/completions", 500, "CUDA error"))
+    supervisor, engine, clock = await rig(engine)
+    await supervisor.admit()   # released once the engine reports awake, before the check ends
+    assert supervisor.state is State.AWAKE and engine.count("check_inference") == 1
+    gate.set()
+    await settle()
+    assert supervisor.state is State.BROKEN and "one-token" in supervisor.stats.broken_reason
+    with pytest.raises(Refused) as refused:
+        held = asyncio.create_task(supervisor.admit())
+        await settle()
+        clock.advance(120)
+        await held
+    assert refused.value.reason == "engine_broken"
+
+
+async def test_with_the_state_check_only_no_completion_is_sent(rig):
+    supervisor, engine, clock = await rig(FakeEngine(sleeping=True, level=1), wake_check="state")
+    await supervisor.admit()
+    await settle()
+    assert supervisor.state is State.AWAKE and engine.count("check_inference") == 0
