@@ -411,7 +411,7 @@ async def test_close_answers_held_requests_and_refuses_new_ones(rig):
 async def test_held_work_goes_at_once_and_an_engine_failing_the_one_token_check_is_broken(rig):
     engine = FakeEngine(sleeping=True, level=1)
     gate = engine.block("check_inference")
-    engine.fail("check_inference", EngineRefused("POST /v1/completions", 500, "CUDA error"))
+    engine.fail("check_inference", EngineRefused("POST /v1/completions", 500, "CUDA error"), times=100)
     supervisor, engine, clock = await rig(engine)
     await supervisor.admit()   # released once the engine reports awake, before the check ends
     assert supervisor.state is State.AWAKE and engine.count("check_inference") == 1
