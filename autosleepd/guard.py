@@ -67,15 +67,20 @@ class MemoryGuard:
         self._rss_before_sleep: int | None = None
         self._pid_warned = False
         self._last_gpus: list[GpuMemory] = []
+        self._root_pid: int | None = None   # found once: finding it scans every socket on the host
 
     # ----- the engine's processes -------------------------------------------------------------
 
     def engine_pids(self) -> set[int]:
-        pid = self.config.engine_pid
-        if pid is None:
-            upstream = urlsplit(self.config.upstream)
-            if upstream.hostname in _LOCAL_HOSTS:
-                pid = self._processes.pid_listening_on(upstream.port or 80)
+        pid = self.config.engine_pid or self._root_pid
+        if pid is not None:
+            pids = self._processes.engine_pids(pid)
+            if pids or self.config.engine_pid:
+                return pids
+            self._root_pid = None   # that process is gone: vLLM was restarted
+        upstream = urlsplit(self.config.upstream)
+        if upstream.hostname in _LOCAL_HOSTS:
+            pid = self._root_pid = self._processes.pid_listening_on(upstream.port or 80)
         if pid is None:
             if not self._pid_warned:
                 self._pid_warned = True

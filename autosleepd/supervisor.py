@@ -148,6 +148,7 @@ class Stats:
     wake_failures: int = 0
     last_sleep_seconds: float | None = None
     last_wake_seconds: float | None = None
+    last_engine_wake_seconds: float | None = None   # the engine's wake calls alone
     last_error: str | None = None
     last_freed_bytes: int | None = None   # GPU memory the last sleep gave back, as NVML saw it
     memory_waits: int = 0                 # wakes that had to wait for GPU memory
@@ -316,6 +317,7 @@ class Supervisor:
             "wake_failures": s.wake_failures,
             "last_sleep_seconds": s.last_sleep_seconds,
             "last_wake_seconds": s.last_wake_seconds,
+            "last_engine_wake_seconds": s.last_engine_wake_seconds,
             "last_error": s.last_error,
             "gpu_memory_freed_bytes": s.last_freed_bytes,
             "waiting_for_memory": (None if self._memory_wait is None else
@@ -438,6 +440,8 @@ class Supervisor:
         elif not sleeping and self.state is not State.AWAKE:
             self._last_work_end = self._clock.now()   # the idle window starts when seen awake
             self._enter(State.AWAKE, "found_awake")
+            if self._guard is not None:
+                await self._guard.learn(awake=True)   # also finds the engine's processes early
 
     async def _probe_broken(self, sleeping: bool | EngineError) -> None:
         """A broken engine recovers only by a restart: a fresh vLLM answers awake and serves."""
@@ -571,6 +575,7 @@ class Supervisor:
         seconds = self._clock.now() - started
         self.stats.wakes += 1
         self.stats.last_wake_seconds = round(seconds, 3)
+        self.stats.last_engine_wake_seconds = round(engine_seconds, 4)
         self.asleep_level = None
         self._last_work_end = self._clock.now()
         self._enter(State.AWAKE, reason, sleep_level=level, engine_wake_s=round(engine_seconds, 4))

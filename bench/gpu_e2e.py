@@ -223,7 +223,7 @@ async def part1(run: Run, http: aiohttp.ClientSession, cycles: int) -> dict:
                                     sleep_level=level, probe_interval="1h")
         await wait_state(http, proxy, "awake", 30)
         steady = [(await complete(http, proxy, greedy(run.model)))[0] for _ in range(5)]
-        alone, firsts, wakes, same, readings = [], [], [], [], []
+        alone, firsts, wakes, engine_wakes, same, readings = [], [], [], [], [], []
         for _ in range(cycles):
             asleep = await wait_state(http, proxy, "asleep", 60)
             readings.append({"nvidia_smi": run.nvidia_smi(),
@@ -238,15 +238,24 @@ async def part1(run: Run, http: aiohttp.ClientSession, cycles: int) -> dict:
             await post(http, vllm + f"/sleep?level={level}&mode=wait")
             latency, text = await complete(http, proxy, greedy(run.model))
             firsts.append(latency)
-            wakes.append((await status(http, proxy))["last_wake_seconds"])
+            woke = await status(http, proxy)
+            wakes.append(woke["last_wake_seconds"])
+            engine_wakes.append(woke["last_engine_wake_seconds"])
             same.append(text == baseline)
         alone_total = median(a["wake_plus_request_s"] for a in alone)
+        # autosleepd's share: the first answer less the engine's own wake calls and a steady
+        # request; for vLLM alone the same sum gives the client's share (near zero).
+        shares = [f - e - median(steady) for f, e in zip(firsts, engine_wakes)]
+        alone_shares = [a["wake_plus_request_s"] - a["wake_s"] - median(steady_direct) for a in alone]
         through[f"level{level}"] = {
             "steady_request_s": median(steady),
             "vllm_alone": alone,
             "first_answer_after_idle_sleep_s": [round(f, 3) for f in firsts],
             "autosleepd_wake_s": wakes,
-            "added_by_autosleepd_ms": round(1000 * (median(firsts) - alone_total), 1),
+            "engine_wake_calls_s": engine_wakes,
+            "autosleepd_share_ms": [round(1000 * x, 1) for x in shares],
+            "added_by_autosleepd_ms": round(1000 * (median(shares) - median(alone_shares)), 1),
+            "interleaved_difference_ms": round(1000 * (median(firsts) - alone_total), 1),
             "ratio_to_vllm_alone": round(median(firsts) / alone_total, 3),
             "output_identical": all(same),
             "memory_asleep": readings[0],
