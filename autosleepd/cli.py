@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import sys
 import time
 
@@ -83,7 +84,16 @@ def _duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 0.5, 250ms or 2s")
 
 
+def _raise_open_files_limit() -> None:
+    """Every client and every upstream request holds a descriptor: take what the host allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 async def _serve(config: Config) -> int:
+    _raise_open_files_limit()
     server = Autosleepd(config)
     try:
         await server.start()

@@ -121,10 +121,16 @@ class Proxy:
     def _body_too_large(self, request: web.Request) -> web.Response | None:
         limit = self.config.max_body_size
         if limit and request.content_length is not None and request.content_length > limit:
-            return error_response(413, f"the request body of {request.content_length} bytes is "
-                                  f"over the limit of {limit} bytes (AUTOSLEEPD_MAX_BODY_SIZE)",
-                                  "invalid_request_error", "body_too_large")
+            return self._too_large(f"the request body of {request.content_length} bytes is over "
+                                   f"the limit of {limit} bytes")
         return None
+
+    @staticmethod
+    def _too_large(message: str) -> web.Response:
+        response = error_response(413, message + " (AUTOSLEEPD_MAX_BODY_SIZE)",
+                                  "invalid_request_error", "body_too_large")
+        response.force_close()   # the rest of the body is not read
+        return response
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
@@ -135,7 +141,7 @@ class Proxy:
         headers["X-Forwarded-Proto"] = request.scheme
         if request.host:
             headers["X-Forwarded-Host"] = request.host
-        data = self._request_body(request)
+        data, limit = self._request_body(request)
         try:
             upstream = await self._session.request(
                 request.method, self.config.upstream + request.raw_path, headers=headers,
@@ -143,6 +149,8 @@ class Proxy:
         except aiohttp.ClientConnectorError as error:
             raise _NotConnected(error) from None
         except (aiohttp.ClientError, TimeoutError) as error:
+            if limit is not None and limit.exceeded:
+                return self._too_large(f"the request body is over the limit of {limit.limit} bytes")
             self._log.warning("upstream_failed", path=request.path, error=repr(error))
             return error_response(502, f"the engine failed before answering: {error!r}",
                                   "bad_gateway", "upstream_failed")
@@ -170,9 +178,31 @@ class Proxy:
             await response.write_eof()
             return response
 
-    @staticmethod
-    def _request_body(request: web.Request):
-        return request.content if request.body_exists else None
+    def _request_body(self, request: web.Request) -> tuple[object, "_BodyLimit | None"]:
+        """The body to stream upstream, counted against the limit when its length is unknown."""
+        if not request.body_exists:
+            return None, None
+        if not self.config.max_body_size or request.content_length is not None:
+            return request.content, None
+        limit = _BodyLimit(self.config.max_body_size)
+        return limit.stream(request.content), limit
+
+
+class _BodyLimit:
+    """Counts a chunked body as it streams; past the limit it stops the upstream request."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.exceeded = False
+
+    async def stream(self, content):
+        seen = 0
+        async for chunk in content.iter_any():
+            seen += len(chunk)
+            if seen > self.limit:
+                self.exceeded = True
+                raise ValueError("request body over the limit")
+            yield chunk
 
 
 class _NotConnected(Exception):

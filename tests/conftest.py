@@ -151,8 +151,8 @@ async def start_daemon():
             await daemon.process.wait()
 
 
-async def wait_state(http, daemon: Daemon, state: str) -> None:
-    async with asyncio.timeout(10):
+async def wait_state(http, daemon: Daemon, state: str, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
         while True:
             async with http.get(daemon.url + "/autosleepd/status") as response:
                 if (await response.json())["state"] == state:

@@ -436,6 +436,9 @@ class SimulatedEngine:
             return web.json_response({**self.stats.as_dict(), "sleeping": self.sleeping,
                                       "level": self.level, "dead": self.dead,
                                       "zombie": self.zombie})
+        if request.path == "/sim/echo":   # what arrived, byte for byte
+            return web.Response(body=await request.read(),
+                                content_type=request.content_type or "application/octet-stream")
         if request.path == "/sim/fault" and request.method == "POST":
             spec = await request.json()
             self.fail_next(spec.pop("path"), spec.pop("times", 1), **spec)

@@ -1,0 +1,301 @@
+"""Reliability with real processes: a simulator process and an autosleepd process on loopback,
+killed, restarted, starved and flooded. Nothing may be lost and autosleepd must stay up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import sys
+
+import aiohttp
+import psutil
+import pytest
+
+from autosleepd.sim import expected_text
+
+from .conftest import completion, post_completion, wait_state
+
+
+class SimProcess:
+    """``autosleepd sim`` in its own process, killed with SIGKILL like a crashed vLLM."""
+
+    def __init__(self, *args: str):
+        self.args = args
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "autosleepd", "sim", "--port", str(self.port), *self.args,
+            stdout=asyncio.subprocess.PIPE)
+        line = (await asyncio.wait_for(self.process.stdout.readline(), 30)).decode()
+        self.port = int(line.rsplit(":", 1)[1])
+
+    async def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stats(self, http) -> dict:
+        async with http.get(self.url + "/sim/stats") as response:
+            return await response.json()
+
+    async def fault(self, http, **spec) -> None:
+        async with http.post(self.url + "/sim/fault", json=spec) as response:
+            assert response.status == 200
+
+
+@pytest.fixture
+async def sim_process():
+    made: list[SimProcess] = []
+
+    async def start(*args: str) -> SimProcess:
+        sim = SimProcess(*args)
+        await sim.start()
+        made.append(sim)
+        return sim
+
+    yield start
+    for sim in made:
+        if sim.process.returncode is None:
+            sim.process.kill()
+            await sim.process.wait()
+
+
+async def test_an_engine_killed_mid_stream_errors_the_stream_and_later_work_waits_for_it(
+        sim_process, start_daemon, http):
+    sim = await sim_process("--token", "20ms")
+    daemon = await start_daemon(sim.url)
+    await wait_state(http, daemon, "awake")
+    async with http.post(daemon.url + "/v1/completions",
+                         json=completion("doomed", 1000, stream=True)) as response:
+        await response.content.readline()
+        await sim.kill()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(response.read(), 10)
+    later = asyncio.create_task(post_completion(http, daemon.url, "after the crash"))
+    await wait_state(http, daemon, "unavailable")
+    await sim.start()   # same port
+    status, body = await asyncio.wait_for(later, 30)
+    assert status == 200 and body["choices"][0]["text"] == expected_text("after the crash", 4)
+    assert daemon.process.returncode is None
+
+
+@pytest.mark.parametrize("believed", ["asleep", "awake"])
+async def test_an_engine_restarted_behind_autosleepd_s_back_is_served_correctly(
+        sim_process, start_daemon, http, believed):
+    sim = await sim_process()
+    daemon = await start_daemon(sim.url)
+    await wait_state(http, daemon, "awake")
+    if believed == "asleep":
+        async with http.post(daemon.url + "/autosleepd/sleep") as response:
+            assert response.status == 200
+    await sim.kill()
+    await sim.start()   # a fresh engine: awake, whatever autosleepd believed
+    status, body = await post_completion(http, daemon.url, "fresh")
+    assert status == 200 and body["choices"][0]["text"] == expected_text("fresh", 4)
+    assert (await sim.stats(http))["violation_total"] == 0
+
+
+async def test_a_wake_that_hangs_gives_503_and_the_state_is_read_again(sim_process, start_daemon, http):
+    sim = await sim_process()
+    daemon = await start_daemon(sim.url, AUTOSLEEPD_WAKE_TIMEOUT="1s")
+    await wait_state(http, daemon, "awake")
+    async with http.post(daemon.url + "/autosleepd/sleep") as response:
+        assert response.status == 200
+    await sim.fault(http, path="/wake_up", hang=True)
+    async with http.post(daemon.url + "/v1/completions", json=completion()) as response:
+        assert response.status == 503 and response.headers["Retry-After"]
+    await wait_state(http, daemon, "asleep")   # the hung call timed out; the engine was re-read
+    assert (await post_completion(http, daemon.url))[0] == 200
+
+
+async def test_a_sleep_that_fails_leaves_the_engine_serving(sim_process, start_daemon, http):
+    sim = await sim_process()
+    daemon = await start_daemon(sim.url, AUTOSLEEPD_IDLE_TIMEOUT="200ms")
+    await wait_state(http, daemon, "awake")
+    await sim.fault(http, path="/sleep", times=1)
+    assert (await post_completion(http, daemon.url))[0] == 200
+    await wait_state(http, daemon, "asleep")   # the next idle window's sleep works
+    async with http.get(daemon.url + "/autosleepd/status") as response:
+        assert (await response.json())["sleep_failures"] == 1
+    assert (await post_completion(http, daemon.url))[0] == 200
+
+
+async def test_autosleepd_restarted_while_the_engine_sleeps_finds_it_asleep(sim_process, start_daemon, http):
+    sim = await sim_process()
+    first = await start_daemon(sim.url, AUTOSLEEPD_SLEEP_LEVEL="2")
+    await wait_state(http, first, "awake")
+    async with http.post(first.url + "/autosleepd/sleep") as response:
+        assert response.status == 200
+    first.process.kill()
+    await first.process.wait()
+    second = await start_daemon(sim.url)   # configured for level 1; the engine sleeps at 2
+    await wait_state(http, second, "asleep")
+    status, body = await post_completion(http, second.url, "woken by the second")
+    assert status == 200 and body["choices"][0]["text"] == expected_text("woken by the second", 4)
+    stats = await sim.stats(http)
+    assert stats["violation_total"] == 0 and stats["garbage"] == 0
+    assert stats["calls"]["/collective_rpc"] == 1   # it used the level-2 wake it read from vLLM
+
+
+async def test_a_client_reading_one_byte_a_second_does_not_slow_the_others(sim_process, start_daemon, http):
+    sim = await sim_process()
+    daemon = await start_daemon(sim.url)
+    await wait_state(http, daemon, "awake")
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))
+    body = json.dumps(completion("slow " * 50, 20000, stream=True)).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    await reader.readexactly(1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    results = await asyncio.gather(*(post_completion(http, daemon.url, f"fast {i}") for i in range(50)))
+    assert all(status == 200 for status, _ in results)
+    assert loop.time() - started < 10
+    await reader.readexactly(1)   # the slow client is still being served
+    writer.close()
+
+
+async def test_a_client_sending_its_body_slowly_is_served_and_others_are_not_held_up(
+        sim_process, start_daemon, http):
+    sim = await sim_process()
+    daemon = await start_daemon(sim.url)
+    await wait_state(http, daemon, "awake")
+    payload = json.dumps(completion("trickled in", 4)).encode()
+
+    async def trickle():
+        for i in range(0, len(payload), 8):
+            yield payload[i:i + 8]
+            await asyncio.sleep(0.05)   # the client's pace
+
+    slow = asyncio.create_task(http.post(daemon.url + "/v1/completions", data=trickle(),
+                                         headers={"Content-Type": "application/json"}))
+    results = await asyncio.gather(*(post_completion(http, daemon.url, f"meanwhile {i}") for i in range(20)))
+    assert all(status == 200 for status, _ in results)
+    assert not slow.done(), "the slow upload should still be going"
+    response = await slow
+    assert (await response.json())["choices"][0]["text"] == expected_text("trickled in", 4)
+
+
+async def test_a_thousand_idle_keep_alive_connections(sim_process, start_daemon, http):
+    sim = await sim_process()
+    daemon = await start_daemon(sim.url)
+    await wait_state(http, daemon, "awake")
+    port = int(daemon.url.rsplit(":", 1)[1])
+    connections = []
+    for _ in range(1000):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        connections.append((reader, writer))
+    for reader, _ in connections:
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    status, body = await post_completion(http, daemon.url, "still fine")
+    assert status == 200 and body["choices"][0]["text"] == expected_text("still fine", 4)
+    rss = psutil.Process(daemon.process.pid).memory_info().rss
+    assert rss < 150 * 2**20, f"{rss / 2**20:.0f} MiB with 1000 idle connections"
+    for _, writer in connections:
+        writer.close()
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"GARBAGE\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"a" * 20000 + b"\r\n\r\n", b"4"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", b"400"),
+])
+async def test_malformed_http_gets_a_4xx_and_autosleepd_stays_up(sim_process, start_daemon, http, raw, expected):
+    sim = await sim_process()
+    daemon = await start_daemon(sim.url)
+    await wait_state(http, daemon, "awake")
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))
+    writer.write(raw)
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    assert status_line.split(b" ")[1].startswith(expected), status_line
+    writer.close()
+    assert (await post_completion(http, daemon.url))[0] == 200
+
+
+async def test_bodies_over_the_limit_get_413_whether_their_length_is_known_or_not(
+        sim_process, start_daemon, http):
+    sim = await sim_process()
+    daemon = await start_daemon(sim.url, AUTOSLEEPD_MAX_BODY_SIZE="1KiB")
+    await wait_state(http, daemon, "awake")
+    async with http.post(daemon.url + "/sim/echo", data=b"x" * 2048) as response:
+        assert response.status == 413
+        assert "AUTOSLEEPD_MAX_BODY_SIZE" in (await response.json())["error"]["message"]
+
+    async def chunked():
+        for _ in range(4):
+            yield b"y" * 512
+
+    async with http.post(daemon.url + "/sim/echo", data=chunked()) as response:
+        assert response.status == 413
+    async with http.post(daemon.url + "/sim/echo", data=b"z" * 1000) as response:
+        assert response.status == 200 and await response.read() == b"z" * 1000
+
+
+async def test_invalid_json_is_passed_through_untouched(sim_process, start_daemon, http):
+    sim = await sim_process()
+    daemon = await start_daemon(sim.url)
+    await wait_state(http, daemon, "awake")
+    broken = b'{"prompt": "unterminated, \xff\xfe bytes, \x00 and all'
+    async with http.post(daemon.url + "/sim/echo", data=broken,
+                         headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 200 and await response.read() == broken
+    async with http.post(daemon.url + "/v1/completions", data=broken,
+                         headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 400   # vLLM's (the simulator's) verdict, not autosleepd's
+
+
+async def test_soak_20_cycles_10000_requests_nothing_lost_nothing_left_behind(
+        sim_process, start_daemon, http):
+    """20 sleep/wake cycles, steady and bursty traffic, random disconnects."""
+    sim = await sim_process("--wake", "50ms", "--sleep", "20ms")
+    daemon = await start_daemon(sim.url, AUTOSLEEPD_IDLE_TIMEOUT="100ms", AUTOSLEEPD_MAX_QUEUE="2000")
+    await wait_state(http, daemon, "awake")
+    process = psutil.Process(daemon.process.pid)
+    rng = random.Random(7)
+    sent = answered = abandoned = 0
+    rss = []
+
+    async def one(i: int) -> None:
+        nonlocal answered, abandoned
+        prompt = f"soak {i}"
+        if rng.random() < 0.05:   # a client that gives up early
+            task = asyncio.create_task(post_completion(http, daemon.url, prompt))
+            await asyncio.sleep(rng.random() * 0.05)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            abandoned += 1
+            return
+        status, body = await post_completion(http, daemon.url, prompt)
+        assert status == 200 and body["choices"][0]["text"] == expected_text(prompt, 4), body
+        answered += 1
+
+    for cycle in range(20):
+        await wait_state(http, daemon, "asleep", timeout=30)
+        if cycle % 2:   # bursty: everything at once, into a sleeping engine
+            await asyncio.gather(*(one(sent + i) for i in range(500)))
+        else:           # steady: 25 waves of 20
+            for wave in range(25):
+                await asyncio.gather(*(one(sent + wave * 20 + i) for i in range(20)))
+        sent += 500
+        rss.append(process.memory_info().rss)
+
+    assert sent == 10_000 and answered + abandoned == sent
+    stats = await sim.stats(http)
+    assert stats["violation_total"] == 0, stats["violations"]
+    async with http.get(daemon.url + "/autosleepd/status") as response:
+        status = await response.json()
+    assert status["in_flight"] == 0 and status["queued"] == 0
+    assert status["sleeps"] >= 20 and status["wakes"] >= 20
+    growth = rss[-1] - rss[1]
+    assert growth < 16 * 2**20, f"autosleepd grew {growth / 2**20:.1f} MiB between cycle 2 and 20"
+    assert daemon.process.returncode is None
