@@ -33,9 +33,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autosleepd: {error}", file=sys.stderr)
         return 2
     log.configure(config.log_level, config.log_format)
-    if command == "demo":
-        return asyncio.run(_demo(config, tour=not args.no_tour))
-    return asyncio.run(_serve(config))
+    with asyncio.Runner(loop_factory=_loop_factory(config.event_loop)) as runner:
+        if command == "demo":
+            return runner.run(_demo(config, tour=not args.no_tour))
+        return runner.run(_serve(config))
+
+
+def _loop_factory(choice: str):
+    """uvloop when asked for, or when installed and not declined (see bench/ for what it buys)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ variable, the value and what was expected; the command line turns that into exit
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class Config:
     connect_timeout: float = 5.0         # opening a connection to the engine
     max_body_size: int = 0               # request body limit in bytes; 0: none
     wake_check: str = "request"          # after a wake: "request" (a 1-token completion) or "state"
+    event_loop: str = "auto"             # "auto" (uvloop when installed), "uvloop" or "asyncio"
     # The memory guard
     engine_pid: int | None = None        # the vLLM server's PID; else found from the upstream port
     gpus: frozenset[str] = frozenset()   # the engine's GPUs (indices or UUIDs); else learned
@@ -116,6 +118,7 @@ class Config:
             connect_timeout=read.get("CONNECT_TIMEOUT", cls.connect_timeout, _positive_duration),
             max_body_size=read.get("MAX_BODY_SIZE", cls.max_body_size, _size),
             wake_check=read.get("WAKE_CHECK", cls.wake_check, _choice(("request", "state"))),
+            event_loop=read.get("EVENT_LOOP", cls.event_loop, _event_loop),
             engine_pid=read.get("ENGINE_PID", None, _int_at_least(1)),
             gpus=read.get("GPUS", cls.gpus, _gpu_list),
             wake_memory=read.get("WAKE_MEMORY", cls.wake_memory, _size),
@@ -239,6 +242,13 @@ def _token(raw: str) -> str | None:
     if raw != raw.strip() or any(ord(c) < 33 for c in raw):
         raise _Invalid("a token without spaces or control characters")
     return raw
+
+
+def _event_loop(raw: str) -> str:
+    value = _choice(("auto", "uvloop", "asyncio"))(raw)
+    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise _Invalid("auto or asyncio: uvloop is not installed (pip install uvloop)")
+    return value
 
 
 def _optional_text(raw: str) -> str | None:

@@ -154,7 +154,9 @@ class SimulatedEngine:
         app.router.add_route("*", "/{path:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
+        # vLLM's uvicorn listens with a backlog of 2048; aiohttp's default (128) would drop the
+        # connects of a large burst released at once.
+        await web.SockSite(self._runner, self._sock, backlog=2048).start()
         self.listening = True
 
     async def kill(self) -> None:
