@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from typing import Callable, Protocol
 
 
@@ -17,7 +18,9 @@ class Timer(Protocol):
 
 
 class Clock(Protocol):
-    def now(self) -> float: ...
+    def now(self) -> float: ...          # monotonic seconds: timers and durations
+
+    def wall(self) -> float: ...         # epoch seconds: schedules and history
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer: ...
 
@@ -28,6 +31,9 @@ class LoopClock:
 
     def now(self) -> float:
         return self._loop.time()
+
+    def wall(self) -> float:
+        return time.time()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         return self._loop.call_at(when, callback)
@@ -44,13 +50,18 @@ class _ManualTimer:
 
 
 class ManualClock:
-    def __init__(self, start: float = 1000.0):
+    def __init__(self, start: float = 1000.0, wall_start: float = 1_767_225_600.0):
+        self._start = start
+        self._wall_start = wall_start   # default: 2026-01-01 00:00 UTC, a Thursday
         self._now = start
         self._timers: list[tuple[float, int, _ManualTimer]] = []
         self._order = itertools.count()
 
     def now(self) -> float:
         return self._now
+
+    def wall(self) -> float:
+        return self._wall_start + (self._now - self._start)
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         timer = _ManualTimer(callback)

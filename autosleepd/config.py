@@ -9,9 +9,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .policy import Ladder, Schedule
 
 PREFIX = "AUTOSLEEPD_"
 
@@ -91,6 +94,13 @@ class Config:
     restart_backoff: float = 10.0        # before re-running it for an engine still broken; doubles
     coordination_dir: str | None = None  # shared by the sidecars of engines on the same GPUs
     instance: str | None = None          # this sidecar's name there; default host-port
+    # Sleep policy beyond one timer
+    timezone: str = "UTC"                # for keep-awake windows and the learned pre-wake
+    keep_awake: Schedule | None = None   # windows in which autosleepd never sleeps the engine
+    ladder: Ladder | None = None         # idle times and levels; replaces IDLE_TIMEOUT/SLEEP_LEVEL
+    prewake: str = "off"                 # "learned": wake before traffic usually resumes
+    prewake_lead: float = 120.0          # how long before
+    state_file: str | None = None        # where what was learned survives a restart
     passive_paths: frozenset[str] = PASSIVE_PATHS
     blocked_paths: frozenset[str] = CONTROL_PATHS
 
@@ -131,6 +141,9 @@ class Config:
             restart_backoff=read.get("RESTART_BACKOFF", cls.restart_backoff, _positive_duration),
             coordination_dir=read.get("COORDINATION_DIR", None, _absolute_dir),
             instance=read.get("INSTANCE", None, _instance_name),
+            prewake=read.get("PREWAKE", cls.prewake, _choice(("off", "learned"))),
+            prewake_lead=read.get("PREWAKE_LEAD", cls.prewake_lead, _duration),
+            state_file=read.get("STATE_FILE", None, _absolute_file),
             passive_paths=(PASSIVE_PATHS | extra_passive) - extra_blocked,
             blocked_paths=CONTROL_PATHS | extra_blocked,
         )
@@ -138,6 +151,18 @@ class Config:
         if overlap:
             raise ConfigError(PREFIX + "PASSIVE_PATHS", env[PREFIX + "PASSIVE_PATHS"],
                               f"no vLLM control path (found {', '.join(sorted(overlap))})")
+        zone = read.get("TIMEZONE", cls.timezone, _timezone)
+        schedule = read.get("KEEP_AWAKE", None, lambda raw: _schedule(raw, zone))
+        ladder = read.get("LADDER", None, _ladder)
+        if ladder is not None:
+            clash = [n for n in ("IDLE_TIMEOUT", "SLEEP_LEVEL") if PREFIX + n in env]
+            if clash:
+                raise ConfigError(PREFIX + "LADDER", env[PREFIX + "LADDER"],
+                                  f"either a ladder or {PREFIX}{clash[0]}, not both")
+            config = replace(config, idle_timeout=ladder.first[0], sleep_level=ladder.first[1])
+        config = replace(config, timezone=zone, keep_awake=schedule, ladder=ladder)
+        if config.prewake == "learned" and not config.autosleep:
+            raise ConfigError(PREFIX + "PREWAKE", "learned", "autosleep on (an idle timeout above 0)")
         return config
 
     @property
@@ -249,6 +274,34 @@ def _event_loop(raw: str) -> str:
     if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise _Invalid("auto or asyncio: uvloop is not installed (pip install uvloop)")
     return value
+
+
+def _timezone(raw: str) -> str:
+    try:
+        ZoneInfo(raw.strip())
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _Invalid("an IANA time zone such as UTC, Europe/Paris or America/New_York") from None
+    return raw.strip()
+
+
+def _schedule(raw: str, zone: str) -> Schedule:
+    try:
+        return Schedule.parse(raw, zone)
+    except ValueError as error:
+        raise _Invalid(f"windows such as 'Mon-Fri 08:00-19:00, Sat 10:00-14:00' ({error})") from None
+
+
+def _ladder(raw: str) -> Ladder:
+    try:
+        return Ladder.parse(raw, parse_duration)
+    except ValueError as error:
+        raise _Invalid(f"rungs such as '5m:1,2h:2' ({error})") from None
+
+
+def _absolute_file(raw: str) -> str:
+    if not raw.startswith("/") or raw.endswith("/"):
+        raise _Invalid("an absolute file path such as /var/lib/autosleepd/qwen.json")
+    return raw
 
 
 def _optional_text(raw: str) -> str | None:

@@ -63,6 +63,7 @@ class Metrics(Observer):
                        "blocked_path", "no_gpu_memory", "engine_broken"):
             self.refused.labels(reason)
         self._live: Callable[[], dict] | None = None
+        self._proxied_children: dict = {}
         self.registry.register(_LiveCollector(self))
 
     def watch(self, read_live: Callable[[], dict]) -> None:
@@ -103,7 +104,11 @@ class Metrics(Observer):
     # ----- the proxy's observer --------------------------------------------------------------
 
     def request(self, kind: str, status: int) -> None:
-        self.proxied.labels(kind, f"{status // 100}xx").inc()
+        key = (kind, status // 100)
+        counter = self._proxied_children.get(key)
+        if counter is None:   # labels() costs a lock and a lookup: once per (kind, class)
+            counter = self._proxied_children[key] = self.proxied.labels(kind, f"{status // 100}xx")
+        counter.inc()
         if kind == "blocked":
             self.refused.labels("blocked_path").inc()
 

@@ -59,6 +59,7 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self._log = structlog.get_logger("autosleepd.proxy")
         self.observer = None   # metrics: .request(kind, status)
+        self._kinds: dict[str, str] = {}
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -74,12 +75,18 @@ class Proxy:
             await self._session.close()
 
     def classify(self, path: str) -> str:
-        normal = normalize_path(path)
-        if normal in self.config.blocked_paths:
-            return "blocked"
-        if normal in self.config.passive_paths:
-            return "passive"
-        return "work"
+        kind = self._kinds.get(path)
+        if kind is None:
+            normal = normalize_path(path)
+            if normal in self.config.blocked_paths:
+                kind = "blocked"
+            elif normal in self.config.passive_paths:
+                kind = "passive"
+            else:
+                kind = "work"
+            if len(self._kinds) < 4096:   # the paths clients use are few; scanners may not be
+                self._kinds[path] = kind
+        return kind
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         kind = self.classify(request.path)
@@ -105,7 +112,7 @@ class Proxy:
         return await self._forward_work(request)
 
     async def _forward_work(self, request: web.Request) -> web.StreamResponse:
-        until = self.supervisor.now() + self.config.wake_timeout
+        until = None   # set at the first failed connect: every retry shares one deadline
         while True:
             try:
                 await self.supervisor.admit(until=until)
@@ -118,6 +125,8 @@ class Proxy:
             except _NotConnected as failure:
                 # Nothing reached the engine, so the request is held again until it is back.
                 self.supervisor.engine_unreachable(str(failure))
+                if until is None:
+                    until = self.supervisor.now() + self.config.wake_timeout
             finally:
                 self.supervisor.release()
 

@@ -11,6 +11,8 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import structlog
 from aiohttp import web
@@ -24,6 +26,7 @@ from .guard import MemoryGuard
 from .memory import GpuReader, HostProcesses, Processes, open_nvml
 from .metrics import Metrics
 from .notify import SystemdNotifier
+from .policy import PrewakeLearner
 from .proxy import Proxy
 from .restart import CommandRestarter
 from .supervisor import Restarter, Supervisor
@@ -62,9 +65,16 @@ class Autosleepd:
         restart = self._restart
         if restart is None and config.restart_command:
             restart = CommandRestarter(config.restart_command)
+        learner = None
+        if config.prewake == "learned":
+            learner = PrewakeLearner(ZoneInfo(config.timezone), lead=config.prewake_lead,
+                                     path=Path(config.state_file) if config.state_file else None)
+            if config.state_file is None:
+                self._log.warning("prewake_state_in_memory", hint="set AUTOSLEEPD_STATE_FILE so "
+                                  "what the pre-wake learned survives a restart")
         self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock(),
                                      observers=(self.metrics, self.notifier), guard=guard,
-                                     neighbours=self.coordinator, restart=restart)
+                                     neighbours=self.coordinator, restart=restart, learner=learner)
         self._guard = guard
         self.metrics.watch(self._status)
         self.proxy = Proxy(config, self.supervisor)

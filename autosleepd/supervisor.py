@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Awaitable, Callable, Protocol, Sequence
 
 import structlog
@@ -22,6 +23,7 @@ import structlog
 from .clock import Clock
 from .config import Config
 from .engine import EngineError, EngineUnreachable, SleepUnsupported
+from .policy import Plan, PrewakeLearner
 
 
 class State(str, enum.Enum):
@@ -55,6 +57,8 @@ WAKE_ATTEMPTS = 3
 # AUTOSLEEPD_RESTART_BACKOFF, doubling up to this.
 RESTART_BACKOFF_MAX = 300.0
 PROBE_TIMEOUT = 10.0
+LADDER_RETRY = 300.0   # a ladder step skipped for want of GPU memory is tried again this much later
+STALE_PLAN = 600.0     # a pre-wake this late is dropped rather than run
 INFERENCE_CHECK_TIMEOUT = 60.0
 
 
@@ -152,6 +156,9 @@ class Stats:
     last_error: str | None = None
     last_freed_bytes: int | None = None   # GPU memory the last sleep gave back, as NVML saw it
     memory_waits: int = 0                 # wakes that had to wait for GPU memory
+    prewakes: int = 0                     # wakes ahead of traffic (schedule or learned)
+    ladder_steps: int = 0                 # sleeps deepened along the ladder
+    ladder_skips: int = 0                 # steps skipped: the GPU had no room for the wake
     restarts: int = 0                     # runs of the restart command
     broken_reason: str | None = None
 
@@ -159,7 +166,8 @@ class Stats:
 class Supervisor:
     def __init__(self, config: Config, engine: Engine, clock: Clock,
                  observers: Sequence[Observer] = (), guard: Guard | None = None,
-                 neighbours: Neighbours | None = None, restart: Restarter | None = None):
+                 neighbours: Neighbours | None = None, restart: Restarter | None = None,
+                 learner: PrewakeLearner | None = None):
         self.config = config
         self._engine = engine
         self._clock = clock
@@ -167,6 +175,12 @@ class Supervisor:
         self._guard = guard
         self._neighbours = neighbours
         self._restart = restart
+        self._learner = learner
+        self._window_start: float | None = None   # wall time of the next keep-awake window
+        self._plan: Plan | None = None             # the learned pre-wake ahead
+        self._prewake_bucket: str | None = None    # a learned pre-wake not yet judged
+        self._ladder_retry = 0.0
+        self._last_work_wall = clock.wall()
         self._log = structlog.get_logger("autosleepd.supervisor")
         self.state = State.STARTING
         self.in_flight = 0
@@ -197,6 +211,8 @@ class Supervisor:
 
         A held request waits at most the wake timeout, and never past ``until`` (clock time).
         """
+        if self._learner is not None:
+            self._note_arrival()
         if self.state is State.AWAKE and not self._closing:
             self._count_in()
             return
@@ -226,6 +242,8 @@ class Supervisor:
         """Admitted work has ended (last byte sent, or the client went away)."""
         self.in_flight -= 1
         self._last_work_end = self._clock.now()
+        if self._learner is not None:
+            self._last_work_wall = self._clock.wall()
         if self.in_flight == 0:
             self._drained.set()
             self._changed.set()
@@ -326,6 +344,12 @@ class Supervisor:
             "broken_reason": s.broken_reason,
             "restarts": s.restarts,
             "memory": self._guard.status() if self._guard else None,
+            "next_transition": self._next_transition(),
+            "prewakes": s.prewakes,
+            "prewakes_used": self._learner.used if self._learner else None,
+            "prewakes_wasted": self._learner.wasted if self._learner else None,
+            "ladder_steps": s.ladder_steps,
+            "ladder_skips": s.ladder_skips,
         }
 
     async def wait_for(self, *states: State, timeout: float) -> None:
@@ -378,6 +402,13 @@ class Supervisor:
                 return self._wake, None
             if self._sleep_order is not None:
                 self._settle_sleep_order_asleep()
+            plans = self._asleep_plans()
+            if plans:
+                at, step, _ = min(plans, key=lambda plan: plan[0])
+                if now >= at:
+                    return step, None
+                if now < self._next_probe:
+                    return None, min(at, self._next_probe)
         if state is State.BROKEN:
             self._fail_sleep_order("the engine is broken")
             if self._restart is not None and self._restart_pending and now >= self._next_restart:
@@ -388,6 +419,10 @@ class Supervisor:
                 order = self._sleep_order
                 return (lambda: self._fall_asleep(order.level, order.reason, order)), None
             idle_at = self._idle_deadline()
+            if idle_at is not None and self.config.keep_awake is not None:
+                window = self.config.keep_awake.active(self._clock.wall())
+                if window is not None:   # never asleep inside a keep-awake window
+                    idle_at = max(idle_at, self._mono(window[1]))
             if idle_at is not None and now >= idle_at:
                 return (lambda: self._fall_asleep(self.config.sleep_level, "idle", None)), None
             if now >= self._next_probe:
@@ -396,6 +431,107 @@ class Supervisor:
         if now >= self._next_probe:
             return self._probe, None
         return None, self._next_probe
+
+    # ----- planned transitions (schedule, learned pre-wake, ladder) --------------------------
+
+    def _mono(self, wall: float) -> float:
+        return self._clock.now() + (wall - self._clock.wall())
+
+    def _asleep_plans(self) -> list[tuple[float, Callable, str]]:
+        """What is due while asleep: (clock time, step, description), earliest first."""
+        plans = []
+        wall = self._clock.wall()
+        if self.config.keep_awake is not None:
+            if self._window_start is None:
+                upcoming = self.config.keep_awake.next_start(wall)
+                self._window_start = upcoming[1] if upcoming else float("inf")
+            if self._window_start != float("inf"):
+                window_start = self._window_start
+                plans.append((self._mono(window_start), self._schedule_wake,
+                              "wake: a keep-awake window starts"))
+        if self._learner is not None:
+            if self._plan is not None and self._plan.at < wall - STALE_PLAN:
+                self._plan = None   # long overdue (the host was suspended, the clock jumped)
+            if self._plan is None:
+                self._plan = self._learner.plan(wall) or Plan(float("inf"), "", "")
+            if self._plan.at != float("inf"):
+                plans.append((self._mono(self._plan.at), self._learned_wake,
+                              f"pre-wake: {self._plan.reason}"))
+        if self.config.ladder is not None:
+            deeper = self.config.ladder.deeper(self.asleep_level or self.config.sleep_level)
+            if deeper is not None:
+                at = max(self._last_work_end + deeper[0], self._ladder_retry)
+                plans.append((at, lambda: self._deepen(deeper[1]),
+                              f"sleep deeper, level {deeper[1]}: idle {deeper[0]:g}s"))
+        return plans
+
+    def _next_transition(self) -> dict | None:
+        now, wall = self._clock.now(), self._clock.wall()
+        if self.state is State.ASLEEP:
+            plans = self._asleep_plans()
+            if not plans:
+                return None
+            at, _, why = min(plans, key=lambda plan: plan[0])
+        elif self.state is State.AWAKE:
+            idle_at = self._idle_deadline()
+            if idle_at is None:
+                return None
+            why = f"sleep at level {self.config.sleep_level}: idle {self.config.idle_timeout:g}s"
+            window = self.config.keep_awake.active(wall) if self.config.keep_awake else None
+            if window is not None and self._mono(window[1]) > idle_at:
+                idle_at, why = self._mono(window[1]), f"sleep when the keep-awake window {window[0].text} ends"
+            at = idle_at
+        else:
+            return None
+        if at == float("inf"):
+            return None
+        return {"at": datetime.fromtimestamp(wall + at - now, timezone.utc).isoformat(timespec="seconds"),
+                "in_seconds": round(max(0.0, at - now), 1), "what": why}
+
+    async def _schedule_wake(self) -> None:
+        window = self.config.keep_awake.active(self._clock.wall())
+        self._window_start = None
+        self.stats.prewakes += 1
+        self._log.info("prewake", reason=f"keep-awake window {window[0].text if window else ''} starts")
+        await self._wake(reason="schedule")
+
+    async def _learned_wake(self) -> None:
+        plan, self._plan = self._plan, None
+        self._prewake_bucket = plan.bucket
+        self.stats.prewakes += 1
+        self._log.info("prewake", reason=plan.reason, bucket=plan.bucket)
+        await self._wake(reason="prewake")
+
+    async def _deepen(self, level: int) -> None:
+        """One step down the ladder: wake, then sleep deeper; only with room, nobody waiting."""
+        if self._guard is None:
+            why = "the memory guard is off (no NVML), so the wake it needs cannot be checked"
+        else:
+            shortfall = await self._guard.shortfall()
+            why = shortfall.describe() if shortfall else None
+        if why is not None:
+            self.stats.ladder_skips += 1
+            self._ladder_retry = self._clock.now() + LADDER_RETRY
+            self._log.warning("ladder_step_skipped", to_level=level, reason=why)
+            return
+        idle_since = self._last_work_end
+        await self._wake(reason="ladder")
+        self._last_work_end = idle_since   # the idle time goes on counting
+        if self.state is State.AWAKE and not self.in_flight and not self._held:
+            await self._fall_asleep(level, "ladder", None)
+            if self.state is State.ASLEEP:
+                self.stats.ladder_steps += 1
+
+    def _note_arrival(self) -> None:
+        """Work arrives: teach the learner when traffic resumes, and judge a pre-wake."""
+        if not self.in_flight and not self._held:
+            wall = self._clock.wall()
+            if wall - self._last_work_wall >= self.config.idle_timeout:
+                self._learner.record_resumption(wall, self._prewake_bucket)
+                self._plan = None
+        if self._prewake_bucket is not None:
+            self._learner.judge(self._prewake_bucket, used=True)
+            self._prewake_bucket = None
 
     def _idle_deadline(self) -> float | None:
         if not (self.config.autosleep and self.sleep_supported) or self.in_flight or self._held:
@@ -555,11 +691,16 @@ class Supervisor:
         self.stats.last_sleep_seconds = round(seconds, 3)
         self._enter(State.ASLEEP, reason, sleep_level=level)
         self._tell("slept", level, reason, seconds)
+        self._window_start = None
+        if self._prewake_bucket is not None:   # woken ahead of traffic that never came
+            self._learner.judge(self._prewake_bucket, used=False)
+            self._prewake_bucket = None
+            self._plan = None
         self._settle(order, None)
 
-    async def _wake(self) -> None:
+    async def _wake(self, reason: str | None = None) -> None:
         level = self.asleep_level or self.config.sleep_level
-        reason = "request" if self._queued else "manual"
+        reason = reason or ("request" if self._queued else "manual")
         self._enter(State.WAKING, reason, sleep_level=level)
         started = self._clock.now()
         locks = await self._wait_for_room()
