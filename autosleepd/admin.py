@@ -22,7 +22,6 @@ class Admin:
         self._read_status = read_status or supervisor.status
         self._token = token
         self._default_level = default_level
-        self.metrics_handler = None   # set when metrics are served
 
     def routes(self) -> list[web.RouteDef]:
         return [

@@ -79,11 +79,3 @@ class ManualClock:
                 callback()
         self._now = target
 
-
-async def sleep_until(clock: Clock, when: float) -> None:
-    future = asyncio.get_running_loop().create_future()
-    timer = clock.call_at(when, lambda: future.done() or future.set_result(None))
-    try:
-        await future
-    finally:
-        timer.cancel()

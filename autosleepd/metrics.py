@@ -170,6 +170,22 @@ class _LiveCollector:
                               ("autosleepd_evictions_done", "evictions_done")):
                 yield CounterMetricFamily(name, f"Neighbours this sidecar asked to sleep ({key}).",
                                           value=float(coordination[key]))
+        prewakes = CounterMetricFamily("autosleepd_prewakes_judged",
+                                       "Learned pre-wakes, by whether work came before the next "
+                                       "sleep.", labels=["outcome"])
+        if live.get("prewakes_used") is not None:
+            prewakes.add_metric(["used"], float(live["prewakes_used"]))
+            prewakes.add_metric(["wasted"], float(live["prewakes_wasted"]))
+        yield prewakes
+        ladder = CounterMetricFamily("autosleepd_ladder_steps", "Steps down the sleep ladder.",
+                                     labels=["outcome"])
+        ladder.add_metric(["done"], float(live.get("ladder_steps", 0)))
+        ladder.add_metric(["skipped"], float(live.get("ladder_skips", 0)))
+        yield ladder
+        upcoming = live.get("next_transition")
+        yield GaugeMetricFamily("autosleepd_next_transition_seconds",
+                                "Seconds until the next planned transition (-1: none planned).",
+                                value=upcoming["in_seconds"] if upcoming else -1.0)
         freed = live.get("gpu_memory_freed_bytes")
         if freed is not None:
             yield GaugeMetricFamily("autosleepd_gpu_memory_freed_bytes",

@@ -93,7 +93,9 @@ class Autosleepd:
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, config.host, config.port)
+        # A backlog like uvicorn's: a burst of clients connecting at once must not have its
+        # connects dropped (each drop costs the client a one-second SYN retry).
+        self._site = web.TCPSite(self._runner, config.host, config.port, backlog=2048)
         try:
             await self._site.start()
         except OSError:
@@ -149,15 +151,10 @@ class Autosleepd:
         memory = status["memory"] or {}
         gpus = sorted(set(memory.get("engine_awake_bytes", {})) | set(memory.get("last_freed_bytes", {})))
         return {"state": status["state"], "in_flight": status["in_flight"],
-                "queued": status["queued"], "gpus": gpus or self._all_gpu_uuids(),
+                "queued": status["queued"],
+                "gpus": gpus or [gpu["uuid"] for gpu in memory.get("gpus", [])],
                 "memory_awake": memory.get("engine_awake_bytes", {}),
                 "last_used": time.time() - status["idle_seconds"], "url": self.url}
-
-    def _all_gpu_uuids(self) -> list[str]:
-        try:
-            return [gpu.uuid for gpu in self._guard._gpu.read()] if self._guard else []
-        except Exception:
-            return []
 
     async def _serve_neighbours(self) -> None:
         """The Unix socket where neighbours ask for an eviction, and the heartbeat."""

@@ -174,3 +174,17 @@ async def test_the_command_line_fails_clearly(make_sim, make_proxy):
     assert code == 1 and "cannot reach autosleepd at http://127.0.0.1:9" in err
     code, _, err = await cli("status", AUTOSLEEPD_PORT="nope")
     assert code == 2 and "AUTOSLEEPD_PORT" in err
+
+
+async def test_metrics_and_status_show_the_next_planned_transition(make_sim, make_proxy, http):
+    sim = await make_sim()
+    server = await make_proxy(sim.url, idle_timeout=300.0)
+    samples = await scrape(http, server)
+    assert 290 < value(samples, "autosleepd_next_transition_seconds") <= 300
+    assert value(samples, "autosleepd_ladder_steps_total", outcome="done") == 0
+    async with http.get(server.url + "/autosleepd/status") as response:
+        upcoming = (await response.json())["next_transition"]
+    assert upcoming["what"] == "sleep at level 1: idle 300s" and upcoming["at"].endswith("+00:00")
+    await server.supervisor.order_sleep(1)
+    samples = await scrape(http, server)
+    assert value(samples, "autosleepd_next_transition_seconds") == -1   # asleep, nothing planned

@@ -28,7 +28,6 @@ CONTROL_ENDPOINTS = (
     "/update_weight_version", "/weight_info", "/get_world_size", "/server_info",
     "/start_profile", "/stop_profile", "/scale_elastic_ep", "/is_scaling_elastic_ep",
 )
-WORK_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 VERSION = "0.26.0+autosleepd.sim"
 
 
