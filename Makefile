@@ -14,3 +14,7 @@ demo: $(VENV)/.installed   ## the simulator with autosleepd in front: a sleep an
 
 test: $(VENV)/.installed   ## the whole test suite
 	$(VENV)/bin/python -m pytest
+
+bench: $(VENV)/.installed  ## side-by-side benchmarks (needs wrk; nginx is compared when present)
+	$(VENV)/bin/python -m pip install -q -e '.[bench]'
+	$(VENV)/bin/python bench/bench.py
