@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import os
@@ -17,9 +18,82 @@ from autosleepd.config import Config
 from autosleepd.memory import GpuMemory, GpuUnavailable
 from autosleepd.server import Autosleepd
 from autosleepd.sim import SimSettings, SimulatedEngine
-from autosleepd.supervisor import State
+from autosleepd.supervisor import State, Supervisor
 
 log.configure("warning", "json")
+
+
+class FakeEngine:
+    """An engine at the edge of the supervisor: records calls, fails or blocks on request."""
+
+    def __init__(self, sleeping: bool = False, level: int | None = None):
+        self.sleeping = sleeping
+        self.level = level if sleeping else None
+        self.calls: list[tuple] = []
+        self.failures: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def fail(self, op: str, error: Exception, times: int = 1) -> None:
+        self.failures[op].extend([error] * times)
+
+    def block(self, op: str) -> asyncio.Event:
+        gate = self.gates[op] = asyncio.Event()
+        return gate
+
+    async def _enter(self, op: str, *args) -> None:
+        self.calls.append((op, *args))
+        if op in self.gates:
+            await self.gates.pop(op).wait()
+        if self.failures[op]:
+            raise self.failures[op].popleft()
+
+    async def is_sleeping(self, timeout: float = 5.0) -> bool:
+        await self._enter("is_sleeping")
+        return self.sleeping
+
+    async def sleep_level(self, timeout: float = 5.0) -> int | None:
+        await self._enter("sleep_level")
+        return self.level
+
+    async def sleep(self, level: int, timeout: float) -> None:
+        await self._enter("sleep", level)
+        self.sleeping, self.level = True, level
+
+    async def wake(self, level: int, timeout: float) -> None:
+        await self._enter("wake", level)
+        self.sleeping, self.level = False, None
+
+    async def check_inference(self, timeout: float) -> None:
+        await self._enter("check_inference")
+
+    def count(self, op: str) -> int:
+        return sum(1 for call in self.calls if call[0] == op)
+
+
+async def reap(processes) -> None:
+    """Kill what a test left running."""
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.fixture
+async def supervisors():
+    """Start supervisors whose control loops run for the test, and stop them after it."""
+    made = []
+
+    async def start(config, engine, clock, **parts) -> Supervisor:
+        supervisor = Supervisor(config, engine, clock, **parts)
+        made.append((supervisor, asyncio.create_task(supervisor.run())))
+        await settle()
+        return supervisor
+
+    yield start
+    for supervisor, task in made:
+        supervisor.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def eventually(predicate: Callable[[], object], timeout: float = 5.0,
@@ -145,10 +219,7 @@ async def start_daemon():
         return daemon
 
     yield start
-    for daemon in started:
-        if daemon.process.returncode is None:
-            daemon.process.kill()
-            await daemon.process.wait()
+    await reap(daemon.process for daemon in started)
 
 
 async def wait_state(http, daemon: Daemon, state: str, timeout: float = 10) -> None:

@@ -17,10 +17,9 @@ from autosleepd.config import Config, ConfigError, parse_duration
 from autosleepd.guard import Shortfall
 from autosleepd.memory import GpuMemory
 from autosleepd.policy import Ladder, PrewakeLearner, Schedule
-from autosleepd.supervisor import State, Supervisor
+from autosleepd.supervisor import State
 
-from .conftest import settle
-from .test_supervisor import FakeEngine
+from .conftest import FakeEngine, settle
 
 UTC = ZoneInfo("UTC")
 PARIS = ZoneInfo("Europe/Paris")
@@ -152,25 +151,15 @@ class Guard:
 
 
 @pytest.fixture
-async def rig():
-    made = []
-
+async def rig(supervisors):
     async def make(wall: str, engine: FakeEngine | None = None, guard=None, learner=None, **settings):
         config = Config.from_env({f"AUTOSLEEPD_{k.upper()}": v for k, v in settings.items()})
         config = dataclasses.replace(config, probe_interval=3600)
         engine = engine or FakeEngine()
         clock = ManualClock(wall_start=at(wall))
-        supervisor = Supervisor(config, engine, clock, guard=guard, learner=learner)
-        task = asyncio.create_task(supervisor.run())
-        made.append((supervisor, task))
-        await settle()
-        return supervisor, engine, clock
+        return await supervisors(config, engine, clock, guard=guard, learner=learner), engine, clock
 
-    yield make
-    for supervisor, task in made:
-        supervisor.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    return make
 
 
 async def advance_to(clock: ManualClock, wall: float) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from autosleepd.sim import expected_text
 
-from .conftest import completion, post_completion, wait_state
+from .conftest import completion, post_completion, reap, wait_state
 
 
 class SimProcess:
@@ -61,10 +61,7 @@ async def sim_process():
         return sim
 
     yield start
-    for sim in made:
-        if sim.process.returncode is None:
-            sim.process.kill()
-            await sim.process.wait()
+    await reap(sim.process for sim in made)
 
 
 async def test_an_engine_killed_mid_stream_errors_the_stream_and_later_work_waits_for_it(

@@ -6,7 +6,6 @@ A five-minute idle window and a two-minute wake timeout are exercised in microse
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 
 import pytest
@@ -16,54 +15,7 @@ from autosleepd.config import Config
 from autosleepd.engine import EngineRefused, EngineUnreachable, SleepUnsupported
 from autosleepd.supervisor import TRANSITIONS, OrderFailed, Refused, State, Supervisor
 
-from .conftest import settle
-
-
-class FakeEngine:
-    """An engine at the edge of the supervisor: records calls, fails or blocks on request."""
-
-    def __init__(self, sleeping: bool = False, level: int | None = None):
-        self.sleeping = sleeping
-        self.level = level if sleeping else None
-        self.calls: list[tuple] = []
-        self.failures: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-        self.gates: dict[str, asyncio.Event] = {}
-
-    def fail(self, op: str, error: Exception, times: int = 1) -> None:
-        self.failures[op].extend([error] * times)
-
-    def block(self, op: str) -> asyncio.Event:
-        gate = self.gates[op] = asyncio.Event()
-        return gate
-
-    async def _enter(self, op: str, *args) -> None:
-        self.calls.append((op, *args))
-        if op in self.gates:
-            await self.gates.pop(op).wait()
-        if self.failures[op]:
-            raise self.failures[op].popleft()
-
-    async def is_sleeping(self, timeout: float = 5.0) -> bool:
-        await self._enter("is_sleeping")
-        return self.sleeping
-
-    async def sleep_level(self, timeout: float = 5.0) -> int | None:
-        await self._enter("sleep_level")
-        return self.level
-
-    async def sleep(self, level: int, timeout: float) -> None:
-        await self._enter("sleep", level)
-        self.sleeping, self.level = True, level
-
-    async def wake(self, level: int, timeout: float) -> None:
-        await self._enter("wake", level)
-        self.sleeping, self.level = False, None
-
-    async def check_inference(self, timeout: float) -> None:
-        await self._enter("check_inference")
-
-    def count(self, op: str) -> int:
-        return sum(1 for call in self.calls if call[0] == op)
+from .conftest import FakeEngine, settle
 
 
 def config(**overrides) -> Config:
@@ -72,24 +24,15 @@ def config(**overrides) -> Config:
 
 
 @pytest.fixture
-async def rig():
+async def rig(supervisors):
     """(supervisor, engine, clock) with the control loop running; stopped afterwards."""
-    made = []
 
     async def make(engine: FakeEngine | None = None, **overrides):
         engine = engine or FakeEngine()
         clock = ManualClock()
-        supervisor = Supervisor(config(**overrides), engine, clock)
-        task = asyncio.create_task(supervisor.run())
-        made.append((supervisor, task))
-        await settle()
-        return supervisor, engine, clock
+        return await supervisors(config(**overrides), engine, clock), engine, clock
 
-    yield make
-    for supervisor, task in made:
-        supervisor.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    return make
 
 
 def test_every_state_has_its_transitions():
