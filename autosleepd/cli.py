@@ -93,7 +93,7 @@ def _duration_arg(text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 0.5, 250ms or 2s")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 0.5, 250ms or 2s") from None
 
 
 def _raise_open_files_limit() -> None:

@@ -331,7 +331,7 @@ def _upstream_url(raw: str) -> str:
     url = raw.strip().rstrip("/")
     parts = urlsplit(url)
     try:
-        parts.port  # raises on a malformed port
+        _ = parts.port   # reading it raises on a malformed port
     except ValueError:
         raise _Invalid("an http:// or https:// URL such as http://127.0.0.1:8000") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 
-import pytest
 
 from autosleepd.sim import expected_text
 

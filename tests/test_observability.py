@@ -9,7 +9,6 @@ import signal
 import socket
 import sys
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from autosleepd.notify import SystemdNotifier

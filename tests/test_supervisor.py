@@ -13,7 +13,7 @@ import pytest
 from autosleepd.clock import ManualClock
 from autosleepd.config import Config
 from autosleepd.engine import EngineRefused, EngineUnreachable, SleepUnsupported
-from autosleepd.supervisor import TRANSITIONS, OrderFailed, Refused, State, Supervisor
+from autosleepd.supervisor import TRANSITIONS, OrderFailed, Refused, State
 
 from .conftest import FakeEngine, settle
 
