@@ -82,6 +82,9 @@ def summary(status: dict) -> str:
         f"wakes:      {status['wakes']} (last took {secs(status['last_wake_seconds'])}, "
         f"{status['wake_failures']} failed)",
     ]
+    if status.get("next_transition"):
+        upcoming = status["next_transition"]
+        lines.append(f"next:       {upcoming['what']}, at {upcoming['at']} (in {upcoming['in_seconds']:g}s)")
     if status.get("gpu_memory_freed_bytes") is not None:
         lines.append(f"last sleep freed {status['gpu_memory_freed_bytes'] / 2**30:.2f} GiB of GPU memory")
     if status.get("last_error"):

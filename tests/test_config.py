@@ -72,7 +72,9 @@ def test_a_bad_value_names_the_variable_and_the_value(name, value):
 
 
 @pytest.mark.parametrize("name, value", [("AUTOSLEEPD_IDLE_TIMEOUT", "soon"),
-                                         ("AUTOSLEEPD_SLEEP_LEVEL", "7")])
+                                         ("AUTOSLEEPD_SLEEP_LEVEL", "7"),
+                                         ("AUTOSLEEPD_KEEP_AWAKE", "Mon-Fri 9 to 5"),
+                                         ("AUTOSLEEPD_LADDER", "2h:1,5m:2")])
 def test_autosleepd_exits_2_with_one_line_naming_the_variable_before_listening(name, value):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
     env.update({name: value, "AUTOSLEEPD_PORT": "1"})   # port 1: listening would fail differently
