@@ -1,8 +1,10 @@
 """The one owner of the engine's state.
 
 Every rule lives here: the states, the transitions allowed between them (``TRANSITIONS``), and
-the one control loop (``run``) that decides, from events, when to probe, sleep or wake. The proxy
-only calls ``admit``/``release`` and waits; the admin endpoints only place orders. Nothing else
+the one control loop (``run``) that decides, from events and the clock, when to probe, sleep,
+wake, wait for GPU memory, evict a neighbour, restart a broken engine, pre-wake or deepen a
+sleep. The proxy only calls ``admit``/``release`` and waits; the admin endpoints and neighbours
+only place orders; the guard, the policy objects and the engine client only answer. Nothing else
 changes the state, so no decision is ever taken on a stale view (llama-swap #946).
 
 Activity is exactly two numbers: ``in_flight`` (admitted work not yet finished, a stream until its
@@ -262,6 +264,8 @@ class Supervisor:
         if self.state is not State.AWAKE or self.in_flight or self._held or self._sleep_order:
             raise OrderFailed(f"busy: {self.state.value}, {self.in_flight} in flight, "
                               f"{self._queued} held")
+        if self.config.keep_awake and self.config.keep_awake.active(self._clock.wall()):
+            raise OrderFailed("inside a keep-awake window")
         await self.order_sleep(self.config.sleep_level, reason="eviction")
 
     async def order_sleep(self, level: int, reason: str = "manual") -> None:

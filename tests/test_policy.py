@@ -17,7 +17,7 @@ from autosleepd.config import Config, ConfigError, parse_duration
 from autosleepd.guard import Shortfall
 from autosleepd.memory import GpuMemory
 from autosleepd.policy import Ladder, PrewakeLearner, Schedule
-from autosleepd.supervisor import State
+from autosleepd.supervisor import OrderFailed, State
 
 from .conftest import FakeEngine, settle
 
@@ -194,6 +194,15 @@ async def test_a_request_inside_a_window_is_served_and_the_window_still_holds(ri
     supervisor.release()
     await advance_to(clock, at("2026-03-02 18:00"))
     assert supervisor.state is State.AWAKE and engine.count("sleep") == 0
+
+
+async def test_a_neighbour_cannot_evict_an_engine_inside_its_keep_awake_window(rig):
+    supervisor, engine, clock = await rig("2026-03-02 12:00", keep_awake="Mon-Fri 08:00-19:00")
+    with pytest.raises(OrderFailed, match="keep-awake"):
+        await supervisor.order_evict()
+    await advance_to(clock, at("2026-03-02 20:00"))
+    await supervisor.order_evict()
+    assert supervisor.state is State.ASLEEP
 
 
 async def test_the_ladder_goes_to_level_one_then_wakes_and_sleeps_at_level_two(rig):
