@@ -197,7 +197,8 @@ async def test_a_request_inside_a_window_is_served_and_the_window_still_holds(ri
 
 
 async def test_a_neighbour_cannot_evict_an_engine_inside_its_keep_awake_window(rig):
-    supervisor, engine, clock = await rig("2026-03-02 12:00", keep_awake="Mon-Fri 08:00-19:00")
+    supervisor, engine, clock = await rig("2026-03-02 12:00", idle_timeout="0",
+                                          keep_awake="Mon-Fri 08:00-19:00")
     with pytest.raises(OrderFailed, match="keep-awake"):
         await supervisor.order_evict()
     await advance_to(clock, at("2026-03-02 20:00"))
