@@ -54,6 +54,7 @@ class EngineClient:
         self.base_url = base_url.rstrip("/")
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._model: str | None = None   # the served model, for the one-token check
 
     async def start(self) -> None:
         # Control calls must never queue behind proxied traffic, so they have their own pool.
@@ -112,13 +113,18 @@ class EngineClient:
 
     async def check_inference(self, timeout: float) -> None:
         """A one-token completion: proof that an engine reporting awake really serves."""
-        body = await self._call("GET", "/v1/models", timeout)
+        if self._model is None:
+            body = await self._call("GET", "/v1/models", timeout)
+            try:
+                self._model = json.loads(body)["data"][0]["id"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise EngineNonsense(f"GET /v1/models answered {body[:200]!r}, expected a model list") from None
         try:
-            model = json.loads(body)["data"][0]["id"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise EngineNonsense(f"GET /v1/models answered {body[:200]!r}, expected a model list") from None
-        answer = await self._call("POST", "/v1/completions", timeout,
-                                  {"model": model, "prompt": "ping", "max_tokens": 1})
+            answer = await self._call("POST", "/v1/completions", timeout,
+                                      {"model": self._model, "prompt": "ping", "max_tokens": 1})
+        except EngineRefused:
+            self._model = None   # a restarted engine may serve another name: ask again next time
+            raise
         try:
             json.loads(answer)["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError):

@@ -73,6 +73,8 @@ class Run:
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         self.model = "sim-model" if self.engine == "sim" else "m"
+        self.wake_check = args.wake_check
+        self.results["wake_check"] = args.wake_check
 
     # ----- processes --------------------------------------------------------------------------
 
@@ -220,7 +222,8 @@ async def part1(run: Run, http: aiohttp.ClientSession, cycles: int) -> dict:
     through: dict = {}
     for level in (1, 2):
         sidecar = run.start_sidecar(f"autosleepd-level{level}", 8000, 8080, idle_timeout="2s",
-                                    sleep_level=level, probe_interval="1h")
+                                    sleep_level=level, probe_interval="1h",
+                                    wake_check=run.wake_check)
         await wait_state(http, proxy, "awake", 30)
         steady = [(await complete(http, proxy, greedy(run.model)))[0] for _ in range(5)]
         alone, firsts, wakes, engine_wakes, same, readings = [], [], [], [], [], []
@@ -372,7 +375,7 @@ async def main_async(args) -> int:
         raise
     finally:
         run.stop_all()
-        path = run.out / f"gpu-e2e-part{args.part}.json"
+        path = run.out / f"gpu-e2e-part{args.part}-{args.wake_check}.json"
         path.write_text(json.dumps(run.results, indent=2))
         print(json.dumps(run.results, indent=2))
     return 0
@@ -383,6 +386,8 @@ def main() -> int:
     parser.add_argument("--engine", choices=("vllm", "sim"), default="vllm")
     parser.add_argument("--part", choices=("1", "2", "all"), default="all")
     parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--wake-check", choices=("request", "state"), default="request",
+                        help="the sidecars' AUTOSLEEPD_WAKE_CHECK")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     return asyncio.run(main_async(parser.parse_args()))
 
