@@ -108,7 +108,12 @@ class Proxy:
         if too_large is not None:
             return too_large
         if kind == "passive":
-            return await self._forward(request)
+            try:
+                return await self._forward(request)
+            except _NotConnected as failure:   # passive requests are never held: answer now
+                self.supervisor.engine_unreachable(str(failure))
+                return error_response(502, f"the engine at {self.config.upstream} is not "
+                                      "reachable", "bad_gateway", "engine_unavailable", 5)
         return await self._forward_work(request)
 
     async def _forward_work(self, request: web.Request) -> web.StreamResponse:
@@ -169,7 +174,7 @@ class Proxy:
         async with upstream:
             headers = _forward_headers(upstream.headers, _connection_tokens(upstream.headers))
             length = upstream.content_length
-            if length is not None and length <= WHOLE_BODY_LIMIT:
+            if length is not None and length <= WHOLE_BODY_LIMIT and request.method != "HEAD":
                 try:
                     body = await upstream.read()
                 except (aiohttp.ClientError, TimeoutError) as error:

@@ -268,6 +268,25 @@ async def test_an_unreachable_engine_gives_502_after_the_timeout(make_proxy, htt
         assert response.status == 200
 
 
+async def test_a_passive_request_to_a_down_engine_gets_a_clean_502(make_proxy, http):
+    server = await make_proxy("http://127.0.0.1:9", wait_ready=False)
+    async with http.get(server.url + "/health") as response:
+        assert response.status == 502 and response.headers["Retry-After"] == "5"
+        assert (await response.json())["error"]["code"] == "engine_unavailable"
+
+
+async def test_head_keeps_the_engine_s_content_length(make_sim, make_proxy, http):
+    sim = await make_sim()
+    server = await make_proxy(sim.url)
+
+    async def head(request):
+        return aiohttp.web.Response(body=b"x" * 123)
+
+    sim._routes = lambda: {("HEAD", "/thing"): head}
+    async with http.head(server.url + "/thing") as response:
+        assert response.status == 200 and response.headers["Content-Length"] == "123"
+
+
 async def test_work_sent_before_the_engine_is_up_is_held_and_then_served(make_sim, make_proxy, http):
     from autosleepd.sim import SimSettings, SimulatedEngine
     sim = SimulatedEngine(SimSettings(load_seconds=0.5))
