@@ -57,6 +57,7 @@ class Autosleepd:
         self.metrics = Metrics()
         self.notifier = SystemdNotifier()
         self.coordinator = None
+        self._side_runner = None   # the coordination socket's server, when there is one
         if config.coordination_dir:
             self.coordinator = Coordinator(config.coordination_dir, self._instance_name(),
                                            self._coordination_entry,
@@ -75,7 +76,6 @@ class Autosleepd:
         self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock(),
                                      observers=(self.metrics, self.notifier), guard=guard,
                                      neighbours=self.coordinator, restart=restart, learner=learner)
-        self._guard = guard
         self.metrics.watch(self._status)
         self.proxy = Proxy(config, self.supervisor)
         self.proxy.observer = self.metrics
@@ -84,7 +84,6 @@ class Autosleepd:
         app = web.Application()
         app.router.add_get("/autosleepd/metrics", self.metrics.handle)
         app.add_routes(self.admin.routes())
-        self._side_runner = None
         app.router.add_route("*", "/{path:.*}", self.proxy.handle)
         # handler_cancellation: a client that goes away cancels its handler, which takes it out
         # of the queue or closes its upstream request (so vLLM aborts the generation).

@@ -518,9 +518,7 @@ class Supervisor:
             self._ladder_retry = self._clock.now() + LADDER_RETRY
             self._log.warning("ladder_step_skipped", to_level=level, reason=why)
             return
-        idle_since = self._last_work_end
-        await self._wake(reason="ladder")
-        self._last_work_end = idle_since   # the idle time goes on counting
+        await self._wake(reason="ladder", restarts_idle=False)   # idle time goes on counting
         if self.state is State.AWAKE and not self.in_flight and not self._held:
             await self._fall_asleep(level, "ladder", None)
             if self.state is State.ASLEEP:
@@ -702,7 +700,7 @@ class Supervisor:
             self._plan = None
         self._settle(order, None)
 
-    async def _wake(self, reason: str | None = None) -> None:
+    async def _wake(self, reason: str | None = None, restarts_idle: bool = True) -> None:
         level = self.asleep_level or self.config.sleep_level
         reason = reason or ("request" if self._queued else "manual")
         self._enter(State.WAKING, reason, sleep_level=level)
@@ -722,7 +720,8 @@ class Supervisor:
         self.stats.last_wake_seconds = round(seconds, 3)
         self.stats.last_engine_wake_seconds = round(engine_seconds, 4)
         self.asleep_level = None
-        self._last_work_end = self._clock.now()
+        if restarts_idle:
+            self._last_work_end = self._clock.now()
         self._enter(State.AWAKE, reason, sleep_level=level, engine_wake_s=round(engine_seconds, 4))
         self._tell("woke", level, reason, seconds)
         # The one-token check runs while the released requests are already on their way: it

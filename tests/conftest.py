@@ -188,6 +188,7 @@ async def post_completion(http: aiohttp.ClientSession, base: str, prompt: str = 
 class Daemon:
     def __init__(self, process: asyncio.subprocess.Process, port: int):
         self.process = process
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.lines: list[dict] = []
 

@@ -51,6 +51,19 @@ class SimProcess:
 
 
 @pytest.fixture
+async def running(sim_process, start_daemon, http):
+    """A simulator process, and an autosleepd process in front of it that has found it awake."""
+
+    async def start(*sim_args: str, **env: str):
+        sim = await sim_process(*sim_args)
+        daemon = await start_daemon(sim.url, **env)
+        await wait_state(http, daemon, "awake")
+        return sim, daemon
+
+    return start
+
+
+@pytest.fixture
 async def sim_process():
     made: list[SimProcess] = []
 
@@ -64,11 +77,8 @@ async def sim_process():
     await reap(sim.process for sim in made)
 
 
-async def test_an_engine_killed_mid_stream_errors_the_stream_and_later_work_waits_for_it(
-        sim_process, start_daemon, http):
-    sim = await sim_process("--token", "20ms")
-    daemon = await start_daemon(sim.url)
-    await wait_state(http, daemon, "awake")
+async def test_an_engine_killed_mid_stream_errors_the_stream_and_later_work_waits_for_it(running, http):
+    sim, daemon = await running("--token", "20ms")
     async with http.post(daemon.url + "/v1/completions",
                          json=completion("doomed", 1000, stream=True)) as response:
         await response.content.readline()
@@ -84,11 +94,8 @@ async def test_an_engine_killed_mid_stream_errors_the_stream_and_later_work_wait
 
 
 @pytest.mark.parametrize("believed", ["asleep", "awake"])
-async def test_an_engine_restarted_behind_autosleepd_s_back_is_served_correctly(
-        sim_process, start_daemon, http, believed):
-    sim = await sim_process()
-    daemon = await start_daemon(sim.url)
-    await wait_state(http, daemon, "awake")
+async def test_an_engine_restarted_behind_autosleepd_s_back_is_served_correctly(running, http, believed):
+    sim, daemon = await running()
     if believed == "asleep":
         async with http.post(daemon.url + "/autosleepd/sleep") as response:
             assert response.status == 200
@@ -99,10 +106,8 @@ async def test_an_engine_restarted_behind_autosleepd_s_back_is_served_correctly(
     assert (await sim.stats(http))["violation_total"] == 0
 
 
-async def test_a_wake_that_hangs_gives_503_and_the_state_is_read_again(sim_process, start_daemon, http):
-    sim = await sim_process()
-    daemon = await start_daemon(sim.url, AUTOSLEEPD_WAKE_TIMEOUT="1s")
-    await wait_state(http, daemon, "awake")
+async def test_a_wake_that_hangs_gives_503_and_the_state_is_read_again(running, http):
+    sim, daemon = await running(AUTOSLEEPD_WAKE_TIMEOUT="1s")
     async with http.post(daemon.url + "/autosleepd/sleep") as response:
         assert response.status == 200
     await sim.fault(http, path="/wake_up", hang=True)
@@ -112,10 +117,8 @@ async def test_a_wake_that_hangs_gives_503_and_the_state_is_read_again(sim_proce
     assert (await post_completion(http, daemon.url))[0] == 200
 
 
-async def test_a_sleep_that_fails_leaves_the_engine_serving(sim_process, start_daemon, http):
-    sim = await sim_process()
-    daemon = await start_daemon(sim.url, AUTOSLEEPD_IDLE_TIMEOUT="200ms")
-    await wait_state(http, daemon, "awake")
+async def test_a_sleep_that_fails_leaves_the_engine_serving(running, http):
+    sim, daemon = await running(AUTOSLEEPD_IDLE_TIMEOUT="200ms")
     await sim.fault(http, path="/sleep", times=1)
     assert (await post_completion(http, daemon.url))[0] == 200
     await wait_state(http, daemon, "asleep")   # the next idle window's sleep works
@@ -124,10 +127,8 @@ async def test_a_sleep_that_fails_leaves_the_engine_serving(sim_process, start_d
     assert (await post_completion(http, daemon.url))[0] == 200
 
 
-async def test_autosleepd_restarted_while_the_engine_sleeps_finds_it_asleep(sim_process, start_daemon, http):
-    sim = await sim_process()
-    first = await start_daemon(sim.url, AUTOSLEEPD_SLEEP_LEVEL="2")
-    await wait_state(http, first, "awake")
+async def test_autosleepd_restarted_while_the_engine_sleeps_finds_it_asleep(running, start_daemon, http):
+    sim, first = await running(AUTOSLEEPD_SLEEP_LEVEL="2")
     async with http.post(first.url + "/autosleepd/sleep") as response:
         assert response.status == 200
     first.process.kill()
@@ -141,11 +142,9 @@ async def test_autosleepd_restarted_while_the_engine_sleeps_finds_it_asleep(sim_
     assert stats["calls"]["/collective_rpc"] == 1   # it used the level-2 wake it read from vLLM
 
 
-async def test_a_client_reading_one_byte_a_second_does_not_slow_the_others(sim_process, start_daemon, http):
-    sim = await sim_process()
-    daemon = await start_daemon(sim.url)
-    await wait_state(http, daemon, "awake")
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))
+async def test_a_client_reading_one_byte_a_second_does_not_slow_the_others(running, http):
+    _, daemon = await running()
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     body = json.dumps(completion("slow " * 50, 20000, stream=True)).encode()
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -160,11 +159,8 @@ async def test_a_client_reading_one_byte_a_second_does_not_slow_the_others(sim_p
     writer.close()
 
 
-async def test_a_client_sending_its_body_slowly_is_served_and_others_are_not_held_up(
-        sim_process, start_daemon, http):
-    sim = await sim_process()
-    daemon = await start_daemon(sim.url)
-    await wait_state(http, daemon, "awake")
+async def test_a_client_sending_its_body_slowly_is_served_and_others_are_not_held_up(running, http):
+    _, daemon = await running()
     payload = json.dumps(completion("trickled in", 4)).encode()
 
     async def trickle():
@@ -181,11 +177,9 @@ async def test_a_client_sending_its_body_slowly_is_served_and_others_are_not_hel
     assert (await response.json())["choices"][0]["text"] == expected_text("trickled in", 4)
 
 
-async def test_a_thousand_idle_keep_alive_connections(sim_process, start_daemon, http):
-    sim = await sim_process()
-    daemon = await start_daemon(sim.url)
-    await wait_state(http, daemon, "awake")
-    port = int(daemon.url.rsplit(":", 1)[1])
+async def test_a_thousand_idle_keep_alive_connections(running, http):
+    _, daemon = await running()
+    port = daemon.port
     connections = []
     for _ in range(1000):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -206,11 +200,9 @@ async def test_a_thousand_idle_keep_alive_connections(sim_process, start_daemon,
     (b"GET / HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"a" * 20000 + b"\r\n\r\n", b"4"),
     (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", b"400"),
 ])
-async def test_malformed_http_gets_a_4xx_and_autosleepd_stays_up(sim_process, start_daemon, http, raw, expected):
-    sim = await sim_process()
-    daemon = await start_daemon(sim.url)
-    await wait_state(http, daemon, "awake")
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))
+async def test_malformed_http_gets_a_4xx_and_autosleepd_stays_up(running, http, raw, expected):
+    _, daemon = await running()
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     writer.write(raw)
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 10)
@@ -219,11 +211,8 @@ async def test_malformed_http_gets_a_4xx_and_autosleepd_stays_up(sim_process, st
     assert (await post_completion(http, daemon.url))[0] == 200
 
 
-async def test_bodies_over_the_limit_get_413_whether_their_length_is_known_or_not(
-        sim_process, start_daemon, http):
-    sim = await sim_process()
-    daemon = await start_daemon(sim.url, AUTOSLEEPD_MAX_BODY_SIZE="1KiB")
-    await wait_state(http, daemon, "awake")
+async def test_bodies_over_the_limit_get_413_whether_their_length_is_known_or_not(running, http):
+    _, daemon = await running(AUTOSLEEPD_MAX_BODY_SIZE="1KiB")
     async with http.post(daemon.url + "/sim/echo", data=b"x" * 2048) as response:
         assert response.status == 413
         assert "AUTOSLEEPD_MAX_BODY_SIZE" in (await response.json())["error"]["message"]
@@ -238,10 +227,8 @@ async def test_bodies_over_the_limit_get_413_whether_their_length_is_known_or_no
         assert response.status == 200 and await response.read() == b"z" * 1000
 
 
-async def test_invalid_json_is_passed_through_untouched(sim_process, start_daemon, http):
-    sim = await sim_process()
-    daemon = await start_daemon(sim.url)
-    await wait_state(http, daemon, "awake")
+async def test_invalid_json_is_passed_through_untouched(running, http):
+    _, daemon = await running()
     broken = b'{"prompt": "unterminated, \xff\xfe bytes, \x00 and all'
     async with http.post(daemon.url + "/sim/echo", data=broken,
                          headers={"Content-Type": "application/json"}) as response:
@@ -251,12 +238,10 @@ async def test_invalid_json_is_passed_through_untouched(sim_process, start_daemo
         assert response.status == 400   # vLLM's (the simulator's) verdict, not autosleepd's
 
 
-async def test_soak_20_cycles_10000_requests_nothing_lost_nothing_left_behind(
-        sim_process, start_daemon, http):
+async def test_soak_20_cycles_10000_requests_nothing_lost_nothing_left_behind(running, http):
     """20 sleep/wake cycles, steady and bursty traffic, random disconnects."""
-    sim = await sim_process("--wake", "50ms", "--sleep", "20ms")
-    daemon = await start_daemon(sim.url, AUTOSLEEPD_IDLE_TIMEOUT="100ms", AUTOSLEEPD_MAX_QUEUE="2000")
-    await wait_state(http, daemon, "awake")
+    sim, daemon = await running("--wake", "50ms", "--sleep", "20ms",
+                                AUTOSLEEPD_IDLE_TIMEOUT="100ms", AUTOSLEEPD_MAX_QUEUE="2000")
     process = psutil.Process(daemon.process.pid)
     rng = random.Random(7)
     sent = answered = abandoned = 0
