@@ -14,25 +14,11 @@ from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .policy import Ladder, Schedule
+from .policy.ladder import Ladder
+from .policy.schedule import Schedule
+from .proxy.routes import CONTROL_PATHS, PASSIVE_PATHS, normalize_path
 
 PREFIX = "AUTOSLEEPD_"
-
-# vLLM's development-mode paths (see the sleep contract): a client must never reach them.
-CONTROL_PATHS = frozenset({
-    "/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_prefix_cache",
-    "/reset_mm_cache", "/reset_encoder_cache", "/pause", "/resume", "/is_paused",
-    "/abort_requests", "/init_weight_transfer_engine", "/start_weight_update",
-    "/start_draft_weight_update", "/update_weights", "/finish_weight_update",
-    "/update_weight_version", "/weight_info", "/get_world_size", "/server_info",
-    "/start_profile", "/stop_profile", "/scale_elastic_ep", "/is_scaling_elastic_ep",
-})
-
-# Paths that never touch the engine core: served in any state, never activity.
-PASSIVE_PATHS = frozenset({
-    "/health", "/ping", "/version", "/metrics", "/load", "/v1/models",
-    "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect",
-})
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -364,21 +350,3 @@ def _size(raw: str) -> int:
         return parse_size(raw)
     except ValueError:
         raise _Invalid("a size in bytes, or with a unit such as 512KiB, 20MiB, 1GiB") from None
-
-
-def normalize_path(path: str) -> str:
-    """The form a path is classified in: no repeated or trailing slashes, no dot segments.
-
-    vLLM's router would match ``//sleep`` or ``/v1/../sleep`` after its own normalisation, so
-    the proxy classifies the normalised path to keep such spellings from slipping through.
-    """
-    segments: list[str] = []
-    for segment in path.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if segments:
-                segments.pop()
-            continue
-        segments.append(segment)
-    return "/" + "/".join(segments)

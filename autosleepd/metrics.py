@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .supervisor import Observer, State
+from .control.supervisor import Observer, Refused, State
 
 disable_created_metrics()   # the *_created series only double the size of every scrape
 
@@ -59,8 +59,7 @@ class Metrics(Observer):
         self.restarts = Counter("autosleepd_engine_restarts_total",
                                 "Runs of the restart command for a broken engine, by outcome.",
                                 ["outcome"], registry=r)
-        for reason in ("queue_full", "wake_timeout", "engine_unavailable", "shutting_down",
-                       "blocked_path", "no_gpu_memory", "engine_broken"):
+        for reason in (*Refused.REASONS, "blocked_path"):
             self.refused.labels(reason)
         self._live: Callable[[], dict] | None = None
         self._proxied_children: dict = {}

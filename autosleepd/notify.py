@@ -12,7 +12,7 @@ from typing import Mapping
 
 import structlog
 
-from .supervisor import Observer, State
+from .control.supervisor import Observer, State
 
 
 class SystemdNotifier(Observer):

@@ -17,19 +17,19 @@ from zoneinfo import ZoneInfo
 import structlog
 from aiohttp import web
 
-from .admin import Admin
 from .clock import Clock, LoopClock
 from .config import Config
-from .engine import EngineClient
-from .coordination import HEARTBEAT, Coordinator
-from .guard import MemoryGuard
-from .memory import GpuReader, HostProcesses, Processes, open_nvml
+from .control.admin import Admin
+from .control.engine import EngineClient
+from .control.restart import CommandRestarter
+from .control.supervisor import Restarter, Supervisor
+from .gpu.guard import MemoryGuard
+from .gpu.neighbours import HEARTBEAT, Coordinator
+from .gpu.readers import GpuReader, HostProcesses, Processes, open_nvml
 from .metrics import Metrics
 from .notify import SystemdNotifier
-from .policy import PrewakeLearner
-from .proxy import Proxy
-from .restart import CommandRestarter
-from .supervisor import Restarter, Supervisor
+from .policy.prewake import PrewakeLearner
+from .proxy.relay import Proxy
 
 
 class Autosleepd:

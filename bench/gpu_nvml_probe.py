@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autosleepd.config import Config  # noqa: E402
-from autosleepd.guard import MemoryGuard  # noqa: E402
-from autosleepd.memory import HostProcesses, open_nvml  # noqa: E402
+from autosleepd.gpu.guard import MemoryGuard  # noqa: E402
+from autosleepd.gpu.readers import HostProcesses, open_nvml  # noqa: E402
 
 CORE = """
 import sys, torch

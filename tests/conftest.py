@@ -15,10 +15,10 @@ import pytest
 
 from autosleepd import log
 from autosleepd.config import Config
-from autosleepd.memory import GpuMemory, GpuUnavailable
+from autosleepd.gpu.readers import GpuMemory, GpuUnavailable
 from autosleepd.server import Autosleepd
 from autosleepd.sim import SimSettings, SimulatedEngine
-from autosleepd.supervisor import State, Supervisor
+from autosleepd.control.supervisor import State, Supervisor
 
 log.configure("warning", "json")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from autosleepd.admin import _is_loopback
+from autosleepd.control.admin import _is_loopback
 from autosleepd.sim import expected_text
 
 from .conftest import post_completion

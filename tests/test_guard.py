@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from autosleepd.coordination import GpuLocks
-from autosleepd.restart import CommandRestarter
+from autosleepd.gpu.neighbours import GpuLocks
+from autosleepd.control.restart import CommandRestarter
 from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
 from autosleepd.sim.gpu import GiB, SimGpu, SimProcesses
-from autosleepd.supervisor import State
+from autosleepd.control.supervisor import State
 
 from .conftest import eventually, post_completion
 

@@ -14,10 +14,12 @@ import pytest
 
 from autosleepd.clock import ManualClock
 from autosleepd.config import Config, ConfigError, parse_duration
-from autosleepd.guard import Shortfall
-from autosleepd.memory import GpuMemory
-from autosleepd.policy import Ladder, PrewakeLearner, Schedule
-from autosleepd.supervisor import OrderFailed, State
+from autosleepd.gpu.guard import Shortfall
+from autosleepd.gpu.readers import GpuMemory
+from autosleepd.policy.ladder import Ladder
+from autosleepd.policy.prewake import PrewakeLearner
+from autosleepd.policy.schedule import Schedule
+from autosleepd.control.supervisor import OrderFailed, State
 
 from .conftest import FakeEngine, settle
 

@@ -8,9 +8,9 @@ import json
 import aiohttp
 import pytest
 
-from autosleepd.config import CONTROL_PATHS
+from autosleepd.proxy.routes import CONTROL_PATHS
 from autosleepd.sim import expected_text
-from autosleepd.supervisor import State
+from autosleepd.control.supervisor import State
 
 from .conftest import completion, eventually, post_completion
 
@@ -370,3 +370,9 @@ async def test_an_engine_killed_mid_stream_ends_the_client_s_stream_with_an_erro
     await sim.start()
     status, body = await later
     assert status == 200 and body["choices"][0]["text"] == expected_text("after the crash", 4)
+
+
+def test_every_refusal_reason_has_one_http_answer():
+    from autosleepd.control.supervisor import Refused
+    from autosleepd.proxy.errors import REFUSALS
+    assert set(REFUSALS) == set(Refused.REASONS)

@@ -8,7 +8,7 @@ argument", until its process is restarted.
 
 from __future__ import annotations
 
-from ..memory import GpuMemory
+from ..gpu.readers import GpuMemory
 
 GiB = 2**30
 

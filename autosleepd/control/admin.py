@@ -11,7 +11,7 @@ import ipaddress
 
 from aiohttp import web
 
-from .proxy import error_response
+from ..proxy.errors import error_response
 from .supervisor import OrderFailed, Supervisor
 
 

@@ -6,7 +6,6 @@ a passive path is forwarded in any state, and work is forwarded once the supervi
 
 from __future__ import annotations
 
-import json
 import time
 
 import aiohttp
@@ -14,8 +13,10 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .config import Config, normalize_path
-from .supervisor import Refused, Supervisor
+from ..config import Config
+from ..control.supervisor import Refused, Supervisor
+from .errors import error_response, refusal_response
+from .routes import Classifier
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -24,15 +25,6 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
 # A body of known length up to this size goes in one piece, so headers and body leave in one
 # write (half the syscalls of a small completion); longer bodies and streams are streamed.
 WHOLE_BODY_LIMIT = 64 * 1024
-
-
-def error_response(status: int, message: str, kind: str, code: str,
-                   retry_after: int | None = None) -> web.Response:
-    """An OpenAI-shaped error, so SDKs and gateways show the message."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json",
-                        headers=headers)
 
 
 def _forward_headers(headers, extra_hop: frozenset[str]) -> CIMultiDict:
@@ -59,7 +51,7 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self._log = structlog.get_logger("autosleepd.proxy")
         self.observer = None   # metrics: .request(kind, status)
-        self._kinds: dict[str, str] = {}
+        self.classify = Classifier(config.blocked_paths, config.passive_paths)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -73,20 +65,6 @@ class Proxy:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-
-    def classify(self, path: str) -> str:
-        kind = self._kinds.get(path)
-        if kind is None:
-            normal = normalize_path(path)
-            if normal in self.config.blocked_paths:
-                kind = "blocked"
-            elif normal in self.config.passive_paths:
-                kind = "passive"
-            else:
-                kind = "work"
-            if len(self._kinds) < 4096:   # the paths clients use are few; scanners may not be
-                self._kinds[path] = kind
-        return kind
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         kind = self.classify(request.path)
@@ -122,9 +100,7 @@ class Proxy:
             try:
                 await self.supervisor.admit(until=until)
             except Refused as refused:
-                return error_response(refused.status, refused.message, "service_unavailable"
-                                      if refused.status == 503 else "bad_gateway",
-                                      refused.reason, refused.retry_after)
+                return refusal_response(refused.reason, refused.message)
             try:
                 return await self._forward(request)
             except _NotConnected as failure:

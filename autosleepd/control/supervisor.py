@@ -22,10 +22,10 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import structlog
 
-from .clock import Clock
-from .config import Config
+from ..clock import Clock
+from ..config import Config
 from .engine import EngineError, EngineUnreachable, SleepUnsupported
-from .policy import Plan, PrewakeLearner
+from ..policy.prewake import Plan, PrewakeLearner
 
 
 class State(str, enum.Enum):
@@ -110,19 +110,16 @@ class Observer:
 
 
 class Refused(Exception):
-    """Work that cannot be served; the proxy turns it into an OpenAI-shaped error."""
+    """Work that cannot be served, and why; the HTTP edge (proxy/errors.py) maps the reason."""
 
-    STATUS = {"queue_full": 503, "wake_timeout": 503, "shutting_down": 503,
-              "engine_unavailable": 502, "no_gpu_memory": 503, "engine_broken": 503}
-    RETRY_AFTER = {"queue_full": 1, "wake_timeout": 10, "shutting_down": 5,
-                   "engine_unavailable": 5, "no_gpu_memory": 30, "engine_broken": 30}
+    REASONS = ("queue_full", "wake_timeout", "shutting_down", "engine_unavailable",
+               "no_gpu_memory", "engine_broken")
 
     def __init__(self, reason: str, message: str):
+        assert reason in self.REASONS, reason
         super().__init__(message)
         self.reason = reason
         self.message = message
-        self.status = self.STATUS[reason]
-        self.retry_after = self.RETRY_AFTER[reason]
 
 
 class OrderFailed(Exception):

@@ -21,7 +21,7 @@ from typing import Callable
 import aiohttp
 import structlog
 
-from .supervisor import Observer, State
+from ..control.supervisor import Observer, State
 
 HEARTBEAT = 2.0
 STALE_AFTER = 10.0

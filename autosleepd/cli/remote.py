@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from typing import Mapping
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 _TIMEOUT = 600.0   # a manual sleep drains and a level-2 wake reloads: both may take minutes
 

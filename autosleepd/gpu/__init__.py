@@ -1,0 +1,1 @@
+"""The GPU: NVML and process readers, the memory guard, and neighbours sharing a GPU."""

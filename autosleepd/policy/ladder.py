@@ -1,0 +1,38 @@
+"""The sleep ladder: deeper sleep levels after longer idle times."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """``5m:1,2h:2``: level 1 after 5 idle minutes, level 2 after 2 idle hours."""
+
+    rungs: tuple[tuple[float, int], ...]
+
+    @classmethod
+    def parse(cls, text: str, parse_duration) -> "Ladder":
+        rungs = []
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            idle, _, level = part.partition(":")
+            try:
+                rungs.append((parse_duration(idle), int(level)))
+            except ValueError:
+                raise ValueError(f"{part!r} is not a rung like '5m:1'") from None
+        if not rungs:
+            raise ValueError("no rungs")
+        for (t1, l1), (t2, l2) in zip(rungs, rungs[1:]):
+            if not (t2 > t1 and l2 > l1):
+                raise ValueError("rungs must go to longer idle times and deeper levels")
+        if any(level not in (1, 2) or idle <= 0 for idle, level in rungs):
+            raise ValueError("levels are 1 or 2, idle times above zero")
+        return cls(tuple(rungs))
+
+    @property
+    def first(self) -> tuple[float, int]:
+        return self.rungs[0]
+
+    def deeper(self, level: int) -> tuple[float, int] | None:
+        """The next rung below ``level``, if any."""
+        return next(((idle, l) for idle, l in self.rungs if l > level), None)

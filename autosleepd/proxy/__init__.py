@@ -1,0 +1,1 @@
+"""The data path: classify each request, hold it or forward it, stream bodies both ways."""
