@@ -55,6 +55,7 @@ class Config:
     idle_timeout: float = 300.0          # 0 turns autosleep off
     sleep_level: int = 1
     wake_timeout: float = 120.0          # longest a held request waits
+    engine_wake_timeout: float = 600.0   # longest one wake sequence may take, engine-side
     max_queue: int = 1024
     admin_token: str | None = None
     log_level: str = "info"
@@ -102,6 +103,8 @@ class Config:
             idle_timeout=read.get("IDLE_TIMEOUT", cls.idle_timeout, _duration),
             sleep_level=read.get("SLEEP_LEVEL", cls.sleep_level, _choice_int(1, 2)),
             wake_timeout=read.get("WAKE_TIMEOUT", cls.wake_timeout, _positive_duration),
+            engine_wake_timeout=read.get("ENGINE_WAKE_TIMEOUT", cls.engine_wake_timeout,
+                                         _positive_duration),
             max_queue=read.get("MAX_QUEUE", cls.max_queue, _int_at_least(0)),
             admin_token=read.get("ADMIN_TOKEN", None, _token),
             log_level=read.get("LOG_LEVEL", cls.log_level, _choice(_LOG_LEVELS)),
@@ -113,7 +116,7 @@ class Config:
             probe_interval=read.get("PROBE_INTERVAL", cls.probe_interval, _positive_duration),
             connect_timeout=read.get("CONNECT_TIMEOUT", cls.connect_timeout, _positive_duration),
             max_body_size=read.get("MAX_BODY_SIZE", cls.max_body_size, _size),
-            wake_check=read.get("WAKE_CHECK", cls.wake_check, _choice(("request", "state"))),
+            wake_check=read.get("WAKE_CHECK", cls.wake_check, _choice(("request", "state", "fingerprint"))),
             event_loop=read.get("EVENT_LOOP", cls.event_loop, _event_loop),
             engine_pid=read.get("ENGINE_PID", None, _int_at_least(1)),
             gpus=read.get("GPUS", cls.gpus, _gpu_list),
@@ -350,3 +353,10 @@ def _size(raw: str) -> int:
         return parse_size(raw)
     except ValueError:
         raise _Invalid("a size in bytes, or with a unit such as 512KiB, 20MiB, 1GiB") from None
+
+
+def local_url(host: str, port: int) -> str:
+    """Where a client on this host reaches an instance listening on ``host``."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from .control.status import Status
 from .control.supervisor import Observer, Refused, State
 
 disable_created_metrics()   # the *_created series only double the size of every scrape
@@ -52,6 +53,9 @@ class Metrics(Observer):
         self.proxied = Counter("autosleepd_requests_total", "Requests handled, by class "
                                "(work, passive, blocked) and status class.", ["kind", "code"],
                                registry=r)
+        self.abandoned = Counter("autosleepd_held_abandoned_total",
+                                 "Held requests whose client went away before the engine woke.",
+                                 registry=r)
         self.transitions = Counter("autosleepd_transitions_total", "State transitions.",
                                    ["from_state", "to_state"], registry=r)
         self.memory_waits = Counter("autosleepd_memory_waits_total",
@@ -61,13 +65,16 @@ class Metrics(Observer):
                                 ["outcome"], registry=r)
         for reason in (*Refused.REASONS, "blocked_path"):
             self.refused.labels(reason)
-        self._live: Callable[[], dict] | None = None
+        self._read_status: Callable[[], Status] | None = None
+        self._read_coordination: Callable[[], dict] | None = None
         self._proxied_children: dict = {}
         self.registry.register(_LiveCollector(self))
 
-    def watch(self, read_live: Callable[[], dict]) -> None:
-        """Where scrape-time gauges come from (the supervisor's ``live()``)."""
-        self._live = read_live
+    def watch(self, read_status: Callable[[], Status],
+              read_coordination: Callable[[], dict] | None = None) -> None:
+        """Where scrape-time gauges come from: the supervisor's status (and the neighbours')."""
+        self._read_status = read_status
+        self._read_coordination = read_coordination
 
     # ----- the supervisor's Observer ---------------------------------------------------------
 
@@ -94,6 +101,9 @@ class Metrics(Observer):
     def restarted(self, ok: bool) -> None:
         self.restarts.labels("ok" if ok else "failed").inc()
 
+    def held_abandoned(self) -> None:
+        self.abandoned.inc()
+
     def released(self, held_seconds: float) -> None:
         self.held_seconds.observe(held_seconds)
 
@@ -117,7 +127,7 @@ class Metrics(Observer):
 
 
 class _LiveCollector:
-    """Gauges read at scrape time."""
+    """Gauges read at scrape time, from the supervisor's status snapshot."""
 
     def __init__(self, metrics: Metrics):
         self._metrics = metrics
@@ -126,27 +136,32 @@ class _LiveCollector:
         return []
 
     def collect(self) -> Iterable:
-        if self._metrics._live is None:
+        if self._metrics._read_status is None:
             return
-        live = self._metrics._live()
+        live: Status = self._metrics._read_status()
         state = GaugeMetricFamily("autosleepd_state", "1 for the engine's current state, 0 for "
                                   "the others.", labels=["state"])
         for candidate in State:
-            state.add_metric([candidate.value], 1.0 if live["state"] == candidate.value else 0.0)
+            state.add_metric([candidate.value], 1.0 if live.state is candidate else 0.0)
         yield state
-        for name, key, text in (
-                ("autosleepd_requests_in_flight", "in_flight", "Work requests being forwarded now."),
-                ("autosleepd_requests_held", "queued", "Work requests held now, waiting for the engine."),
-                ("autosleepd_idle_seconds", "idle_seconds", "Seconds since the last work ended "
-                                                            "(0 while any is in flight or held)."),
-                ("autosleepd_sleep_supported", "sleep_supported", "1 if the engine can sleep.")):
-            yield GaugeMetricFamily(name, text, value=float(live[key]))
-        memory = live.get("memory") or {}
+        for name, value, text in (
+                ("autosleepd_requests_in_flight", live.in_flight, "Work requests being forwarded now."),
+                ("autosleepd_requests_held", live.queued, "Work requests held now, waiting for the engine."),
+                ("autosleepd_idle_seconds", live.idle_seconds, "Seconds since the last work ended "
+                                                               "(0 while any is in flight or held)."),
+                ("autosleepd_sleep_supported", live.sleep_supported, "1 if the engine can sleep."),
+                ("autosleepd_engine_cycles", live.cycles, "Sleeps since the engine was (re)started."),
+                ("autosleepd_config_error", live.stats.config_error is not None,
+                 "1 while the engine refuses autosleepd's own calls (its API key is not set).")):
+            yield GaugeMetricFamily(name, text, value=float(value))
+        memory = live.memory or {}
         for name, key, text in (
                 ("autosleepd_engine_memory_awake_bytes", "engine_awake_bytes",
                  "GPU memory the engine holds awake, as learned, per GPU."),
                 ("autosleepd_engine_memory_asleep_bytes", "engine_asleep_bytes",
-                 "GPU memory the engine holds asleep, as learned, per GPU.")):
+                 "GPU memory the engine holds asleep, as learned, per GPU."),
+                ("autosleepd_asleep_residual_bytes", "engine_asleep_bytes",
+                 "GPU memory the engine kept at its last sleep, per GPU (its growth is drift).")):
             family = GaugeMetricFamily(name, text, labels=["gpu"])
             for uuid, amount in sorted(memory.get(key, {}).items()):
                 family.add_metric([uuid], float(amount))
@@ -160,11 +175,10 @@ class _LiveCollector:
             total.add_metric([gpu["uuid"]], float(gpu["total_bytes"]))
         yield gpus
         yield total
-        waiting = live.get("waiting_for_memory")
-        yield GaugeMetricFamily("autosleepd_waiting_for_memory",
-                                "1 while a wake waits for GPU memory.", value=1.0 if waiting else 0.0)
-        if live.get("coordination"):
-            coordination = live["coordination"]
+        yield GaugeMetricFamily("autosleepd_waiting_for_memory", "1 while a wake waits for GPU "
+                                "memory.", value=1.0 if live.waiting_for_memory else 0.0)
+        coordination = self._metrics._read_coordination() if self._metrics._read_coordination else None
+        if coordination:
             for name, key in (("autosleepd_evictions_asked", "evictions_asked"),
                               ("autosleepd_evictions_done", "evictions_done")):
                 yield CounterMetricFamily(name, f"Neighbours this sidecar asked to sleep ({key}).",
@@ -172,20 +186,26 @@ class _LiveCollector:
         prewakes = CounterMetricFamily("autosleepd_prewakes_judged",
                                        "Learned pre-wakes, by whether work came before the next "
                                        "sleep.", labels=["outcome"])
-        if live.get("prewakes_used") is not None:
-            prewakes.add_metric(["used"], float(live["prewakes_used"]))
-            prewakes.add_metric(["wasted"], float(live["prewakes_wasted"]))
+        if live.prewakes_used is not None:
+            prewakes.add_metric(["used"], float(live.prewakes_used))
+            prewakes.add_metric(["wasted"], float(live.prewakes_wasted))
         yield prewakes
         ladder = CounterMetricFamily("autosleepd_ladder_steps", "Steps down the sleep ladder.",
                                      labels=["outcome"])
-        ladder.add_metric(["done"], float(live.get("ladder_steps", 0)))
-        ladder.add_metric(["skipped"], float(live.get("ladder_skips", 0)))
+        ladder.add_metric(["done"], float(live.stats.ladder_steps))
+        ladder.add_metric(["skipped"], float(live.stats.ladder_skips))
         yield ladder
-        upcoming = live.get("next_transition")
+        for name, value, text in (
+                ("autosleepd_recycles", live.stats.recycles,
+                 "Restarts of an asleep engine whose leftover memory grew, or that reached its age."),
+                ("autosleepd_wake_check_failures", live.stats.check_failures,
+                 "Wakes whose output check (one-token or fingerprint) failed.")):
+            yield CounterMetricFamily(name, text, value=float(value))
+        upcoming = live.next_transition
         yield GaugeMetricFamily("autosleepd_next_transition_seconds",
                                 "Seconds until the next planned transition (-1: none planned).",
-                                value=upcoming["in_seconds"] if upcoming else -1.0)
-        freed = live.get("gpu_memory_freed_bytes")
+                                value=max(0.0, upcoming.at - live.now) if upcoming else -1.0)
+        freed = live.stats.gpu_memory_freed_bytes
         if freed is not None:
             yield GaugeMetricFamily("autosleepd_gpu_memory_freed_bytes",
                                     "GPU memory freed by the last sleep, as NVML saw it.",

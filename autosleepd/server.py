@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -18,13 +17,13 @@ import structlog
 from aiohttp import web
 
 from .clock import Clock, LoopClock
-from .config import Config
+from .config import Config, local_url
 from .control.admin import Admin
 from .control.engine import EngineClient
 from .control.restart import CommandRestarter
 from .control.supervisor import Restarter, Supervisor
 from .gpu.guard import MemoryGuard
-from .gpu.neighbours import HEARTBEAT, Coordinator
+from .gpu.neighbours import Coordinator
 from .gpu.readers import GpuReader, HostProcesses, Processes, open_nvml
 from .metrics import Metrics
 from .notify import SystemdNotifier
@@ -57,10 +56,8 @@ class Autosleepd:
         self.metrics = Metrics()
         self.notifier = SystemdNotifier()
         self.coordinator = None
-        self._side_runner = None   # the coordination socket's server, when there is one
         if config.coordination_dir:
             self.coordinator = Coordinator(config.coordination_dir, self._instance_name(),
-                                           self._coordination_entry,
                                            request_timeout=config.sleep_timeout)
             self.coordinator.prepare()
         restart = self._restart
@@ -76,7 +73,8 @@ class Autosleepd:
         self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock(),
                                      observers=(self.metrics, self.notifier), guard=guard,
                                      neighbours=self.coordinator, restart=restart, learner=learner)
-        self.metrics.watch(self._status)
+        self.metrics.watch(self.supervisor.status,
+                           self.coordinator.status if self.coordinator is not None else None)
         self.proxy = Proxy(config, self.supervisor)
         self.proxy.observer = self.metrics
         await self.proxy.start()
@@ -103,7 +101,7 @@ class Autosleepd:
         self.port = self._runner.addresses[0][1]
         self._tasks = [asyncio.create_task(self.notifier.keep_watchdog_fed())]
         if self.coordinator is not None:
-            await self._serve_neighbours()
+            await self.coordinator.serve(self.supervisor, self.url)
         self._control = asyncio.create_task(self.supervisor.run(), name="autosleepd-control")
         self.notifier.ready(self.supervisor.state.value)
         self._log.info("listening", host=config.host, port=self.port, upstream=config.upstream,
@@ -111,65 +109,37 @@ class Autosleepd:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
-        return f"http://{host}:{self.port}"
+        return local_url(self.config.host, self.port)
 
     async def shutdown(self) -> None:
-        self._log.info("shutting_down", in_flight=self.supervisor.in_flight,
-                       queued=self.supervisor.queued)
+        self._log.info("shutting_down", in_flight=self.supervisor.admission.in_flight,
+                       queued=self.supervisor.admission.queued)
         self.notifier.stopping()
         await self._site.stop()                 # no new connections
         self.supervisor.close()                 # held requests get 503, new ones too
         drained = await self.supervisor.wait_drained(self.config.shutdown_timeout)
         if not drained:
-            self._log.warning("shutdown_timeout", in_flight=self.supervisor.in_flight)
+            self._log.warning("shutdown_timeout", in_flight=self.supervisor.admission.in_flight)
         self._control.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(self._control, *self._tasks, return_exceptions=True)
         if self.coordinator is not None:
-            self.coordinator.withdraw()
-            await self._side_runner.cleanup()
+            await self.coordinator.close()
         await self._runner.cleanup()
         await self._close_clients()
         self.notifier.close()
         self._log.info("stopped")
 
     def _status(self) -> dict:
-        status = self.supervisor.status()
+        """The wire form of GET /autosleepd/status."""
+        status = self.supervisor.status().to_json()
         if self.coordinator is not None:
             status["coordination"] = self.coordinator.status()
         return status
 
     def _instance_name(self) -> str:
         return self.config.instance or f"{self.config.host.replace(':', '_')}-{self.config.port}"
-
-    def _coordination_entry(self) -> dict:
-        """What neighbours see of this sidecar."""
-        status = self.supervisor.status()
-        memory = status["memory"] or {}
-        gpus = sorted(set(memory.get("engine_awake_bytes", {})) | set(memory.get("last_freed_bytes", {})))
-        return {"state": status["state"], "in_flight": status["in_flight"],
-                "queued": status["queued"],
-                "gpus": gpus or [gpu["uuid"] for gpu in memory.get("gpus", [])],
-                "memory_awake": memory.get("engine_awake_bytes", {}),
-                "last_used": time.time() - status["idle_seconds"], "url": self.url}
-
-    async def _serve_neighbours(self) -> None:
-        """The Unix socket where neighbours ask for an eviction, and the heartbeat."""
-        side = web.Application()
-        side.router.add_post("/autosleepd/evict", self.admin.evict)
-        side.router.add_get("/autosleepd/status", self.admin.status)
-        self._side_runner = web.AppRunner(side, access_log=None, shutdown_timeout=1.0)
-        await self._side_runner.setup()
-        await web.UnixSite(self._side_runner, self.coordinator.socket_path).start()
-        self.supervisor.add_observer(self.coordinator)
-        self._tasks.append(asyncio.create_task(self._heartbeat()))
-
-    async def _heartbeat(self) -> None:
-        while True:
-            self.coordinator.publish()
-            await asyncio.sleep(HEARTBEAT)
 
     async def _close_clients(self) -> None:
         await self.proxy.close()

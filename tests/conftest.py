@@ -18,7 +18,8 @@ from autosleepd.config import Config
 from autosleepd.gpu.readers import GpuMemory, GpuUnavailable
 from autosleepd.server import Autosleepd
 from autosleepd.sim import SimSettings, SimulatedEngine
-from autosleepd.control.supervisor import State, Supervisor
+from autosleepd.control.states import State
+from autosleepd.control.supervisor import Supervisor
 
 log.configure("warning", "json")
 
@@ -32,6 +33,7 @@ class FakeEngine:
         self.calls: list[tuple] = []
         self.failures: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.gates: dict[str, asyncio.Event] = {}
+        self.answer: tuple = (1, 2, 3)   # the fingerprint's token ids
 
     def fail(self, op: str, error: Exception, times: int = 1) -> None:
         self.failures[op].extend([error] * times)
@@ -59,9 +61,13 @@ class FakeEngine:
         await self._enter("sleep", level)
         self.sleeping, self.level = True, level
 
-    async def wake(self, level: int, timeout: float) -> None:
+    async def wake(self, level: int, timeout: float, on_step=None) -> None:
         await self._enter("wake", level)
         self.sleeping, self.level = False, None
+
+    async def fingerprint(self, timeout: float) -> tuple:
+        await self._enter("fingerprint")
+        return self.answer
 
     async def check_inference(self, timeout: float) -> None:
         await self._enter("check_inference")

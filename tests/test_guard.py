@@ -17,7 +17,7 @@ from autosleepd.gpu.neighbours import GpuLocks
 from autosleepd.control.restart import CommandRestarter
 from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
 from autosleepd.sim.gpu import GiB, SimGpu, SimProcesses
-from autosleepd.control.supervisor import State
+from autosleepd.control.states import State
 
 from .conftest import eventually, post_completion
 
@@ -54,7 +54,7 @@ async def test_enough_memory_wakes_at_once(rig, http):
     assert rig.gpu.free == 78 * GiB
     status, _ = await post_completion(http, server.url)
     assert status == 200 and server.supervisor.stats.memory_waits == 0
-    assert server.supervisor.status()["memory"]["engine_awake_bytes"] == {"GPU-sim-0": 50 * GiB}
+    assert server.supervisor.status().to_json()["memory"]["engine_awake_bytes"] == {"GPU-sim-0": 50 * GiB}
 
 
 async def test_a_wake_waits_for_memory_and_goes_once_it_frees(rig, http):
@@ -63,8 +63,8 @@ async def test_a_wake_waits_for_memory_and_goes_once_it_frees(rig, http):
     await server.supervisor.order_sleep(1)
     rig.gpu.take(999, 60 * GiB)   # a training job takes the GPU meanwhile
     request = asyncio.create_task(post_completion(http, server.url, "patient"))
-    await eventually(lambda: server.supervisor.status()["waiting_for_memory"] is not None)
-    waiting = server.supervisor.status()["waiting_for_memory"]
+    await eventually(lambda: server.supervisor.status().to_json()["waiting_for_memory"] is not None)
+    waiting = server.supervisor.status().to_json()["waiting_for_memory"]
     assert waiting["needed_bytes"] == 48 * GiB + 2**30 and waiting["free_bytes"] == 18 * GiB
     assert waiting["holders"][0] == {"pid": 999, "bytes": 60 * GiB}
     assert sim.stats.calls["/wake_up"] == 0
@@ -174,7 +174,7 @@ async def test_the_weights_size_is_learned_from_the_first_level_one_sleep(rig, h
     sim = await rig.engine(weights=16)
     server = await rig.sidecar(sim)
     await server.supervisor.order_sleep(1)
-    assert server.supervisor.status()["memory"]["weights_host_bytes"] == 16 * GiB
+    assert server.supervisor.status().to_json()["memory"]["weights_host_bytes"] == 16 * GiB
     assert (await post_completion(http, server.url))[0] == 200
     rig.processes.host_available = 8 * GiB
     await server.supervisor.order_sleep(1)
@@ -230,7 +230,7 @@ async def test_a_busy_neighbour_is_never_evicted(rig, http, tmp_path):
     stream = await http.post(side_b.url + "/v1/completions",
                              json={"prompt": "busy", "max_tokens": 10_000, "stream": True})
     await stream.content.readline()
-    await eventually(lambda: side_b.supervisor.in_flight == 1)
+    await eventually(lambda: side_b.supervisor.admission.in_flight == 1)
     async with http.post(side_a.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}) as response:
         assert response.status == 503
         assert (await response.json())["error"]["code"] == "no_gpu_memory"

@@ -72,7 +72,8 @@ async def test_logs_are_one_json_event_per_line_with_transitions_and_durations(m
     transitions = [line for line in daemon.lines if line["event"] == "transition"]
     assert [(t["from_state"], t["to_state"], t["reason"]) for t in transitions] == [
         ("starting", "awake", "found_awake"), ("awake", "falling_asleep", "idle"),
-        ("falling_asleep", "asleep", "idle")]
+        ("falling_asleep", "asleep", "slept")]
+    assert transitions[-1]["order"] == "idle"
     assert transitions[-1]["duration_s"] >= 0.1 and transitions[-1]["sleep_level"] == 1
     assert all({"timestamp", "level"} <= line.keys() for line in daemon.lines)
     # No GPU here: it says once that the memory guard is off, and otherwise works as usual.

@@ -81,12 +81,12 @@ async def test_metrics_show_requests_held_and_in_flight_now(make_sim, make_proxy
     assert value(samples, "autosleepd_requests_in_flight") == 1
     assert value(samples, "autosleepd_idle_seconds") == 0
     stream.close()
-    await eventually(lambda: server.supervisor.in_flight == 0)
+    await eventually(lambda: server.supervisor.admission.in_flight == 0)
 
     await server.supervisor.order_sleep(1)
     sim.fail_next("/wake_up", hang=True)
     held = asyncio.create_task(post_completion(http, server.url))
-    await eventually(lambda: server.supervisor.queued == 1)
+    await eventually(lambda: server.supervisor.admission.queued == 1)
     async with http.post(server.url + "/v1/completions", json=completion()) as response:
         assert response.status == 503
     samples = await scrape(http, server)
@@ -135,7 +135,7 @@ async def test_under_systemd_it_sends_ready_status_and_watchdog_pings(make_sim, 
     ready = [message for message in seen if "READY=1" in message]
     assert len(ready) == 1
     statuses = [line for message in seen for line in message.split("\n") if line.startswith("STATUS=")]
-    assert "STATUS=engine asleep (idle)" in statuses
+    assert "STATUS=engine asleep (slept)" in statuses
     receiver.close()
 
 

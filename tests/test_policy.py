@@ -19,7 +19,8 @@ from autosleepd.gpu.readers import GpuMemory
 from autosleepd.policy.ladder import Ladder
 from autosleepd.policy.prewake import PrewakeLearner
 from autosleepd.policy.schedule import Schedule
-from autosleepd.control.supervisor import OrderFailed, State
+from autosleepd.control.states import State
+from autosleepd.control.supervisor import OrderFailed
 
 from .conftest import FakeEngine, settle
 
@@ -176,7 +177,7 @@ async def test_a_keep_awake_window_blocks_sleep_and_pre_wakes_at_its_start(rig):
                                           keep_awake="Mon-Fri 08:00-19:00")
     await advance_to(clock, at("2026-03-02 07:05"))
     assert supervisor.state is State.ASLEEP                          # outside the window
-    assert "keep-awake window starts" in supervisor.status()["next_transition"]["what"]
+    assert "keep-awake window starts" in supervisor.status().to_json()["next_transition"]["what"]
     await advance_to(clock, at("2026-03-02 07:59:59"))
     assert engine.count("wake") == 0
     await advance_to(clock, at("2026-03-02 08:00"))
@@ -184,7 +185,7 @@ async def test_a_keep_awake_window_blocks_sleep_and_pre_wakes_at_its_start(rig):
     assert supervisor.stats.prewakes == 1
     await advance_to(clock, at("2026-03-02 15:00"))                  # idle for hours, in the window
     assert supervisor.state is State.AWAKE and engine.count("sleep") == 1
-    assert "window Mon-Fri 08:00-19:00 ends" in supervisor.status()["next_transition"]["what"]
+    assert "window Mon-Fri 08:00-19:00 ends" in supervisor.status().to_json()["next_transition"]["what"]
     await advance_to(clock, at("2026-03-02 19:00"))
     assert supervisor.state is State.ASLEEP and engine.count("sleep") == 2
 
@@ -212,7 +213,7 @@ async def test_the_ladder_goes_to_level_one_then_wakes_and_sleeps_at_level_two(r
     supervisor, engine, clock = await rig("2026-03-02 00:00", guard=Guard(room=True), ladder="5m:1,2h:2")
     await advance_to(clock, at("2026-03-02 00:05"))
     assert supervisor.state is State.ASLEEP and supervisor.asleep_level == 1
-    assert "level 2" in supervisor.status()["next_transition"]["what"]
+    assert "level 2" in supervisor.status().to_json()["next_transition"]["what"]
     await advance_to(clock, at("2026-03-02 01:59"))
     assert engine.calls.count(("sleep", 2)) == 0
     await advance_to(clock, at("2026-03-02 02:00"))

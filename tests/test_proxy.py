@@ -10,7 +10,7 @@ import pytest
 
 from autosleepd.proxy.routes import CONTROL_PATHS
 from autosleepd.sim import expected_text
-from autosleepd.control.supervisor import State
+from autosleepd.control.states import State
 
 from .conftest import completion, eventually, post_completion
 
@@ -34,7 +34,7 @@ async def test_a_burst_of_500_while_asleep_gets_one_wake_and_500_right_answers(
         assert body["choices"][0]["text"] == expected_text(f"request {i}", 3)
     assert sim.stats.calls["/wake_up"] == 1
     assert sim.stats.violations == {}
-    assert server.supervisor.in_flight == 0 and server.supervisor.queued == 0
+    assert server.supervisor.admission.in_flight == 0 and server.supervisor.admission.queued == 0
 
 
 async def test_level_two_wakes_with_the_reload_sequence_and_answers_right(make_sim, make_proxy, http):
@@ -98,7 +98,7 @@ async def test_a_client_that_leaves_mid_stream_aborts_the_engine_request_and_let
     await response.content.readline()
     response.close()   # the client goes away
     await eventually(lambda: sim.stats.aborted_by_client == 1, what="the engine to see the abort")
-    await eventually(lambda: server.supervisor.in_flight == 0)
+    await eventually(lambda: server.supervisor.admission.in_flight == 0)
     await server.supervisor.wait_for(State.ASLEEP, timeout=5)
 
 
@@ -107,13 +107,13 @@ async def test_a_client_that_leaves_while_held_does_not_keep_the_engine_awake(ma
     server = await make_proxy(sim.url, idle_timeout=0.2)
     await sleep_now(server)
     request = asyncio.create_task(post_completion(http, server.url))
-    await eventually(lambda: server.supervisor.queued == 1)
+    await eventually(lambda: server.supervisor.admission.queued == 1)
     request.cancel()
-    await eventually(lambda: server.supervisor.queued == 0, what="the held client to leave")
+    await eventually(lambda: server.supervisor.admission.queued == 0, what="the held client to leave")
     # The wake it started completes; then the engine goes back to sleep after the window.
     await server.supervisor.wait_for(State.AWAKE, timeout=5)
     await server.supervisor.wait_for(State.ASLEEP, timeout=5)
-    assert server.supervisor.in_flight == 0 and sim.stats.violations == {}
+    assert server.supervisor.admission.in_flight == 0 and sim.stats.violations == {}
 
 
 async def test_requests_arriving_during_a_slow_sleep_are_served_after_one_wake(make_sim, make_proxy, http):
@@ -227,7 +227,7 @@ async def test_past_the_queue_limit_the_client_gets_503_with_retry_after(make_si
     server = await make_proxy(sim.url, max_queue=2)
     await sleep_now(server)
     held = [asyncio.create_task(post_completion(http, server.url)) for _ in range(2)]
-    await eventually(lambda: server.supervisor.queued == 2)
+    await eventually(lambda: server.supervisor.admission.queued == 2)
     async with http.post(server.url + "/v1/completions", json=completion()) as response:
         assert response.status == 503 and response.headers["Retry-After"] == "1"
         error = (await response.json())["error"]
@@ -235,18 +235,32 @@ async def test_past_the_queue_limit_the_client_gets_503_with_retry_after(make_si
     assert [status for status, _ in await asyncio.gather(*held)] == [200, 200]
 
 
-async def test_a_wake_that_hangs_gives_503_at_the_wake_timeout_then_recovers(make_sim, make_proxy, http):
-    sim = await make_sim()
-    server = await make_proxy(sim.url, wake_timeout=0.3)
+async def test_a_wake_slower_than_the_hold_goes_on_and_the_next_request_finds_it_done(make_sim, make_proxy, http):
+    sim = await make_sim(wake_seconds=0.6)
+    server = await make_proxy(sim.url, wake_timeout=0.4)
     await sleep_now(server)
-    sim.fail_next("/wake_up", hang=True)
     async with http.post(server.url + "/v1/completions", json=completion()) as response:
-        assert response.status == 503 and "Retry-After" in response.headers
+        assert response.status == 503 and int(response.headers["Retry-After"]) >= 1
         assert (await response.json())["error"]["code"] == "wake_timeout"
-    # The hung call times out, the state is re-read, and the next request wakes the engine.
-    await server.supervisor.wait_for(State.ASLEEP, timeout=5)
+    # The wake went on without that client: the next request waits for the same one.
     assert (await post_completion(http, server.url))[0] == 200
+    assert sim.stats.calls["/wake_up"] == 1, "never a second /wake_up while one runs"
+    assert server.supervisor.state is State.AWAKE and server.supervisor.stats.broken_reason is None
     assert sim.stats.violations == {}
+
+
+async def test_a_level_two_reload_slower_than_the_hold_runs_once_and_is_not_broken(make_sim, make_proxy, http):
+    sim = await make_sim(reload_seconds=0.5)
+    server = await make_proxy(sim.url, wake_timeout=0.2, sleep_level=2)
+    await sleep_now(server)
+    statuses = []
+    for _ in range(3):   # clients give up one after another while the reload runs
+        async with http.post(server.url + "/v1/completions", json=completion()) as response:
+            statuses.append(response.status)
+    await server.supervisor.wait_for(State.AWAKE, timeout=5)
+    assert sim.stats.calls["/collective_rpc"] == 1, "never a second reload_weights"
+    assert (await post_completion(http, server.url))[0] == 200
+    assert server.supervisor.stats.broken_reason is None and sim.stats.violations == {}
 
 
 async def test_a_failed_wake_is_retried_and_the_request_served(make_sim, make_proxy, http):
@@ -352,7 +366,7 @@ async def test_without_sleep_mode_a_failed_sleep_leaves_it_serving(make_sim, mak
     await eventually(lambda: server.supervisor.stats.sleep_failures >= 1
                      and server.supervisor.state is State.AWAKE)
     assert (await post_completion(http, server.url))[0] == 200
-    assert "Sleep mode is not enabled" in server.supervisor.status()["last_error"]
+    assert "Sleep mode is not enabled" in server.supervisor.status().to_json()["last_error"]
 
 
 async def test_an_engine_killed_mid_stream_ends_the_client_s_stream_with_an_error(
@@ -365,7 +379,7 @@ async def test_an_engine_killed_mid_stream_ends_the_client_s_stream_with_an_erro
         await sim.kill()
         with pytest.raises(aiohttp.ClientPayloadError):
             await asyncio.wait_for(response.read(), 5)   # an error, not a hang or a clean end
-    await eventually(lambda: server.supervisor.in_flight == 0)
+    await eventually(lambda: server.supervisor.admission.in_flight == 0)
     later = asyncio.create_task(post_completion(http, server.url, "after the crash"))
     await sim.start()
     status, body = await later

@@ -106,15 +106,20 @@ async def test_an_engine_restarted_behind_autosleepd_s_back_is_served_correctly(
     assert (await sim.stats(http))["violation_total"] == 0
 
 
-async def test_a_wake_that_hangs_gives_503_and_the_state_is_read_again(running, http):
-    sim, daemon = await running(AUTOSLEEPD_WAKE_TIMEOUT="1s")
+async def test_a_wake_that_hangs_past_the_engine_deadline_marks_the_engine_broken(running, http):
+    sim, daemon = await running(AUTOSLEEPD_WAKE_TIMEOUT="500ms", AUTOSLEEPD_ENGINE_WAKE_TIMEOUT="1500ms")
     async with http.post(daemon.url + "/autosleepd/sleep") as response:
         assert response.status == 200
     await sim.fault(http, path="/wake_up", hang=True)
     async with http.post(daemon.url + "/v1/completions", json=completion()) as response:
         assert response.status == 503 and response.headers["Retry-After"]
-    await wait_state(http, daemon, "asleep")   # the hung call timed out; the engine was re-read
-    assert (await post_completion(http, daemon.url))[0] == 200
+        assert (await response.json())["error"]["code"] == "wake_timeout"
+    await wait_state(http, daemon, "broken")   # slow is not broken; past the deadline it is
+    async with http.get(daemon.url + "/autosleepd/engine-healthz") as response:
+        assert response.status == 503
+        assert "AUTOSLEEPD_ENGINE_WAKE_TIMEOUT" in (await response.json())["broken_reason"]
+    async with http.get(sim.url + "/sim/stats") as response:
+        assert (await response.json())["calls"]["/wake_up"] == 1
 
 
 async def test_a_sleep_that_fails_leaves_the_engine_serving(running, http):

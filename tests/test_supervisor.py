@@ -13,7 +13,11 @@ import pytest
 from autosleepd.clock import ManualClock
 from autosleepd.config import Config
 from autosleepd.control.engine import EngineRefused, EngineUnreachable, SleepUnsupported
-from autosleepd.control.supervisor import TRANSITIONS, OrderFailed, Refused, State
+import itertools
+from pathlib import Path
+
+from autosleepd.control.states import REFUSED, TRANSITIONS, Event, State, next_state, table_markdown
+from autosleepd.control.supervisor import OrderFailed, Refused
 
 from .conftest import FakeEngine, settle
 
@@ -35,10 +39,20 @@ async def rig(supervisors):
     return make
 
 
-def test_every_state_has_its_transitions():
-    assert set(TRANSITIONS) == set(State)
-    for targets in TRANSITIONS.values():
-        assert targets <= set(State)
+def test_every_state_and_event_pair_is_either_in_the_table_or_refused_on_purpose():
+    for state, event in itertools.product(State, Event):
+        in_table, refused = (state, event) in TRANSITIONS, (state, event) in REFUSED
+        assert in_table != refused, f"({state.value}, {event.value}) is in neither table, or in both"
+        if refused:
+            with pytest.raises(AssertionError, match=event.value):
+                next_state(state, event)
+    reachable = {target for target in TRANSITIONS.values()} | {State.STARTING}
+    assert reachable == set(State), "every state can be reached"
+
+
+def test_the_readme_shows_the_transition_table_as_it_is():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert table_markdown() in readme, "regenerate the README table: python -m autosleepd.control.states"
 
 
 async def test_five_minute_idle_window_puts_the_engine_to_sleep_exactly_on_time(rig):
@@ -65,7 +79,7 @@ async def test_work_in_flight_keeps_the_engine_awake_and_the_window_restarts_at_
     await supervisor.admit()
     clock.advance(3600)
     await settle()
-    assert supervisor.state is State.AWAKE and supervisor.in_flight == 1
+    assert supervisor.state is State.AWAKE and supervisor.admission.in_flight == 1
     supervisor.release()
     clock.advance(299)
     await settle()
@@ -87,13 +101,13 @@ async def test_many_held_requests_share_one_wake_and_go_through_in_arrival_order
 
     tasks = [asyncio.create_task(work(i)) for i in range(50)]
     await settle()
-    assert supervisor.state is State.WAKING and supervisor.queued == 50
+    assert supervisor.state is State.WAKING and supervisor.admission.queued == 50
     gate.set()
     await asyncio.gather(*tasks)
     assert order == list(range(50))
     assert engine.count("wake") == 1
-    assert supervisor.in_flight == 50 and supervisor.queued == 0
-    assert supervisor.status()["wakes"] == 1
+    assert supervisor.admission.in_flight == 50 and supervisor.admission.queued == 0
+    assert supervisor.status().to_json()["wakes"] == 1
 
 
 async def test_a_level_two_sleep_is_woken_with_the_level_two_sequence(rig):
@@ -124,7 +138,7 @@ async def test_a_held_request_gives_up_after_the_wake_timeout_with_503(rig):
     with pytest.raises(Refused) as refused:
         await held
     assert refused.value.reason == "wake_timeout"
-    assert supervisor.queued == 0 and supervisor.in_flight == 0
+    assert supervisor.admission.queued == 0 and supervisor.admission.in_flight == 0
 
 
 async def test_the_queue_limit_refuses_the_request_past_it(rig):
@@ -145,13 +159,13 @@ async def test_a_held_client_that_goes_away_leaves_no_trace(rig):
     gate = engine.block("wake")
     held = asyncio.create_task(supervisor.admit())
     await settle()
-    assert supervisor.queued == 1
+    assert supervisor.admission.queued == 1
     held.cancel()
     await asyncio.gather(held, return_exceptions=True)
-    assert supervisor.queued == 0
+    assert supervisor.admission.queued == 0
     gate.set()
     await settle()
-    assert supervisor.in_flight == 0 and supervisor.state is State.AWAKE
+    assert supervisor.admission.in_flight == 0 and supervisor.state is State.AWAKE
     clock.advance(300)
     await settle()
     assert supervisor.state is State.ASLEEP, "a cancelled hold must not keep the engine awake"
@@ -166,7 +180,7 @@ async def test_a_client_cancelled_right_after_release_gives_its_place_back(rig):
     await supervisor.wait_for(State.AWAKE, timeout=1)
     held.cancel()
     await asyncio.gather(held, return_exceptions=True)
-    assert supervisor.in_flight == 0
+    assert supervisor.admission.in_flight == 0
 
 
 async def test_a_failed_wake_is_retried_with_backoff_and_then_succeeds(rig):
@@ -181,7 +195,7 @@ async def test_a_failed_wake_is_retried_with_backoff_and_then_succeeds(rig):
     clock.advance(0.5)
     await held
     assert engine.count("wake") == 3 and supervisor.state is State.AWAKE
-    assert supervisor.status()["wake_failures"] == 2
+    assert supervisor.status().to_json()["wake_failures"] == 2
 
 
 async def test_a_wake_that_keeps_failing_marks_the_engine_broken_and_stops_calling_it(rig):
@@ -263,7 +277,7 @@ async def test_an_engine_that_comes_up_late_serves_the_work_held_meanwhile(rig):
         clock.advance(1)
         await settle()
     await held
-    assert supervisor.state is State.AWAKE and supervisor.in_flight == 1
+    assert supervisor.state is State.AWAKE and supervisor.admission.in_flight == 1
 
 
 async def test_the_periodic_probe_notices_a_sleep_done_behind_autosleepd_s_back(rig):
@@ -318,7 +332,7 @@ async def test_a_manual_sleep_stays_until_traffic(rig):
 async def test_manual_wake_and_the_idle_window_after_it(rig):
     supervisor, engine, clock = await rig(FakeEngine(sleeping=True, level=1))
     await supervisor.order_wake()
-    assert supervisor.state is State.AWAKE and supervisor.in_flight == 0
+    assert supervisor.state is State.AWAKE and supervisor.admission.in_flight == 0
     clock.advance(300)
     await settle()
     assert supervisor.state is State.ASLEEP

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from typing import Mapping
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, local_url
 
 _TIMEOUT = 600.0   # a manual sleep drains and a level-2 wake reloads: both may take minutes
 
@@ -21,9 +21,7 @@ def instance_url(args_url: str | None, env: Mapping[str, str]) -> str:
     if env.get("AUTOSLEEPD_URL"):
         return env["AUTOSLEEPD_URL"].rstrip("/")
     config = Config.from_env(env)
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{config.port}"
+    return local_url(config.host, config.port)
 
 
 def run(command: str, args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -19,7 +19,7 @@ class Admin:
     def __init__(self, supervisor: Supervisor, token: str | None, default_level: int,
                  read_status=None):
         self.supervisor = supervisor
-        self._read_status = read_status or supervisor.status
+        self._read_status = read_status or (lambda: supervisor.status().to_json())
         self._token = token
         self._default_level = default_level
 
@@ -46,14 +46,6 @@ class Admin:
         return web.json_response({"ok": status == 200, "state": self.supervisor.state.value,
                                   "broken_reason": self.supervisor.stats.broken_reason},
                                  status=status)
-
-    async def evict(self, request: web.Request) -> web.Response:
-        """A neighbour on the same GPU needs the memory (served on the coordination socket only)."""
-        try:
-            await self.supervisor.order_evict()
-        except OrderFailed as failed:
-            return error_response(409, f"eviction refused: {failed}", "conflict", "busy")
-        return web.json_response(self.supervisor.status())
 
     async def sleep(self, request: web.Request) -> web.Response:
         denied = self._authorize(request)

@@ -6,6 +6,7 @@ projects shipped that bug and silently got level 1).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -39,6 +40,10 @@ class EngineRefused(EngineError):
     def __init__(self, call: str, status: int, body: str):
         super().__init__(f"{call} answered {status}: {body[:300]}")
         self.status = status
+
+
+class EngineAuthError(EngineRefused):
+    """401 or 403 on autosleepd's own call: the engine runs with --api-key."""
 
 
 class SleepUnsupported(EngineRefused):
@@ -77,6 +82,8 @@ class EngineClient:
             raise EngineUnreachable(f"{call}: {type(error).__name__}: {error}".rstrip(": ")) from None
         if response.status == 404:
             raise SleepUnsupported(call, 404, body.decode(errors="replace"))
+        if response.status in (401, 403):
+            raise EngineAuthError(call, response.status, body.decode(errors="replace"))
         if response.status >= 300:
             raise EngineRefused(call, response.status, body.decode(errors="replace"))
         return body
@@ -107,9 +114,15 @@ class EngineClient:
         # mode=wait: a second guard behind our own drain, so vLLM never aborts a request.
         await self._call("POST", f"/sleep?level={level}&mode=wait", timeout)
 
-    async def wake(self, level: int, timeout: float) -> None:
+    async def wake(self, level: int, timeout: float, on_step=None) -> None:
+        """The wake steps in order; ``on_step(name, seconds)`` after each one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         for method, path, payload in WAKE_STEPS[level]:
-            await self._call(method, path, timeout, payload)
+            started = loop.time()
+            await self._call(method, path, max(0.001, deadline - started), payload)
+            if on_step is not None:
+                on_step(payload["method"] if payload else path.lstrip("/"), loop.time() - started)
 
     async def check_inference(self, timeout: float) -> None:
         """A one-token completion: proof that an engine reporting awake really serves."""

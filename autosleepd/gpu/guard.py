@@ -17,9 +17,8 @@ from urllib.parse import urlsplit
 import structlog
 
 from ..config import Config
-from .readers import GpuMemory, GpuReader, GpuUnavailable, Processes, read_gpus
+from .readers import GiB, GpuMemory, GpuReader, GpuUnavailable, Processes, read_gpus
 
-GiB = 2**30
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
 

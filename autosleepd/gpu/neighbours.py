@@ -1,4 +1,4 @@
-"""Sidecars that share GPUs see each other through a shared directory.
+"""The eviction protocol between sidecars that share GPUs, all of it: entry, socket, client.
 
 Each publishes ``<instance>.json`` (its engine's state, GPUs, memory awake, last use, and how
 busy it is) on every transition and every heartbeat, and answers eviction requests on
@@ -11,6 +11,7 @@ crashed sidecar and is ignored.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -21,7 +22,11 @@ from typing import Callable
 import aiohttp
 import structlog
 
-from ..control.supervisor import Observer, State
+from aiohttp import web
+
+from ..control.supervisor import Observer, OrderFailed, State, Supervisor
+from ..files import write_atomically
+from ..proxy.errors import error_response
 
 HEARTBEAT = 2.0
 STALE_AFTER = 10.0
@@ -53,33 +58,83 @@ class GpuLocks:
 
 
 class Coordinator(Observer):
-    def __init__(self, directory: str, instance: str, read_entry: Callable[[], dict],
-                 wall: Callable[[], float] = time.time, request_timeout: float = 300.0):
+    def __init__(self, directory: str, instance: str, wall: Callable[[], float] = time.time,
+                 request_timeout: float = 300.0):
         self.directory = Path(directory)
         self.instance = instance
         self.socket_path = str(self.directory / f"{instance}.sock")
         self._entry_path = self.directory / f"{instance}.json"
-        self._read_entry = read_entry
         self._wall = wall
         self._timeout = request_timeout
         self._log = structlog.get_logger("autosleepd.coordination")
         self.evictions_asked = 0
         self.evictions_done = 0
+        self._supervisor: Supervisor | None = None
+        self._url = ""
+        self._runner: web.AppRunner | None = None
+        self._heartbeat: asyncio.Task | None = None
 
     def prepare(self) -> None:
+        """Make the directory (raises OSError where it cannot be written)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)   # left by a crashed run of this instance
 
+    # ----- serving neighbours -----------------------------------------------------------------
+
+    async def serve(self, supervisor: Supervisor, url: str) -> None:
+        """Answer evictions on the socket, publish the entry now, on transitions and heartbeats."""
+        self._supervisor, self._url = supervisor, url
+        app = web.Application()
+        app.router.add_post("/autosleepd/evict", self._evict)
+        app.router.add_get("/autosleepd/status", self._status)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, self.socket_path).start()
+        supervisor.add_observer(self)
+        self._heartbeat = asyncio.create_task(self._beat())
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        self.withdraw()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _evict(self, request: web.Request) -> web.Response:
+        """A neighbour on the same GPU needs the memory: this sidecar decides (busy: refused)."""
+        try:
+            await self._supervisor.order_evict()
+        except OrderFailed as failed:
+            return error_response(409, f"eviction refused: {failed}", "conflict", "busy")
+        return web.json_response(self._supervisor.status().to_json())
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self._supervisor.status().to_json())
+
+    async def _beat(self) -> None:
+        while True:
+            self.publish()
+            await asyncio.sleep(HEARTBEAT)
+
+    def entry(self) -> dict:
+        """What neighbours see of this sidecar."""
+        status = self._supervisor.status()
+        memory = status.memory or {}
+        gpus = sorted(set(memory.get("engine_awake_bytes", {})) | set(memory.get("last_freed_bytes", {})))
+        return {"state": status.state.value, "in_flight": status.in_flight, "queued": status.queued,
+                "gpus": gpus or [gpu["uuid"] for gpu in memory.get("gpus", [])],
+                "memory_awake": memory.get("engine_awake_bytes", {}),
+                "last_used": status.wall - status.idle_seconds, "url": self._url}
+
     # ----- publishing -------------------------------------------------------------------------
 
     def publish(self) -> None:
-        entry = {**self._read_entry(), "instance": self.instance, "pid": os.getpid(),
+        entry = {**self.entry(), "instance": self.instance, "pid": os.getpid(),
                  "socket": self.socket_path, "updated": self._wall()}
-        temporary = self._entry_path.with_suffix(".tmp")
         try:
-            temporary.write_text(json.dumps(entry))
-            temporary.replace(self._entry_path)   # readers never see half an entry
+            write_atomically(self._entry_path, json.dumps(entry))   # never half an entry
         except OSError as error:
             self._log.warning("coordination_publish_failed", error=str(error))
 

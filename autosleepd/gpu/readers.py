@@ -12,6 +12,8 @@ from typing import Iterable, Protocol
 
 import psutil
 
+GiB = 2**30
+
 
 class GpuUnavailable(Exception):
     """No NVML: no GPU, no driver, or no access to the device nodes."""

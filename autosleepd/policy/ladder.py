@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..control.status import Planned, Status
+from .planner import Planner
+
 
 @dataclass(frozen=True)
 class Ladder:
@@ -36,3 +39,30 @@ class Ladder:
     def deeper(self, level: int) -> tuple[float, int] | None:
         """The next rung below ``level``, if any."""
         return next(((idle, l) for idle, l in self.rungs if l > level), None)
+
+
+# A step skipped for want of GPU memory is tried again this much later.
+LADDER_RETRY = 300.0
+
+
+class LadderPlanner(Planner):
+    """Deepen a sleep after longer idle times: each step wakes the engine, then sleeps deeper."""
+
+    def __init__(self, ladder: Ladder, first_level: int):
+        self._ladder = ladder
+        self._first_level = first_level
+        self._retry_at = 0.0
+
+    def plan(self, status: Status) -> Planned | None:
+        if status.state.value != "asleep" or status.queued or status.in_flight:
+            return None
+        deeper = self._ladder.deeper(status.sleep_level)
+        if deeper is None:
+            return None
+        idle, level = deeper
+        return Planned(max(status.last_work_end + idle, self._retry_at), "ladder",
+                       f"sleep deeper, level {level}: idle {idle:g}s", level=level)
+
+    def done(self, planned: Planned, carried_out: bool, status: Status) -> None:
+        if not carried_out:
+            self._retry_at = status.now + LADDER_RETRY

@@ -6,13 +6,15 @@ Pure code over epoch seconds, but for its small state file.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from ..control.status import Planned, Status
+from ..files import write_atomically
+from .planner import Planner, to_clock
 from .schedule import DAYS
 
 @dataclass
@@ -106,10 +108,46 @@ class PrewakeLearner:
     def _save(self) -> None:
         if self.path is None:
             return
-        temporary = self.path.with_suffix(".tmp")
         try:
-            temporary.write_text(json.dumps({"resumptions": self.resumptions, "outcomes": self.outcomes,
-                                             "used": self.used, "wasted": self.wasted}))
-            os.replace(temporary, self.path)
+            write_atomically(self.path, json.dumps({"resumptions": self.resumptions,
+                                                    "outcomes": self.outcomes,
+                                                    "used": self.used, "wasted": self.wasted}))
         except OSError:
             pass   # the next change tries again; learning goes on in memory
+
+
+STALE_PLAN = 600.0   # a pre-wake this late (the host was suspended, the clock jumped) is dropped
+
+
+class PrewakePlanner(Planner):
+    """Wake ahead of the usual return of traffic; judge each pre-wake used or wasted."""
+
+    def __init__(self, learner: PrewakeLearner, idle_timeout: float):
+        self.learner = learner
+        self._idle_timeout = idle_timeout
+        self._pending: str | None = None   # the slot of a pre-wake not yet judged
+
+    def plan(self, status: Status) -> Planned | None:
+        if status.state.value != "asleep":
+            return None
+        # The first pre-wake since the engine fell asleep: once due, it stays due (unless stale).
+        plan = self.learner.plan(max(status.state_since_wall, status.wall - STALE_PLAN))
+        if plan is None:
+            return None
+        return Planned(to_clock(status, plan.at), "prewake", f"pre-wake: {plan.reason}",
+                       key=plan.bucket)
+
+    def observe(self, event: str, status: Status) -> None:
+        if event == "arrived":
+            if not status.in_flight and not status.queued and status.idle_seconds >= self._idle_timeout:
+                self.learner.record_resumption(status.wall, self._pending)
+            if self._pending is not None:
+                self.learner.judge(self._pending, used=True)
+                self._pending = None
+        elif event == "slept" and self._pending is not None:   # woken for traffic that never came
+            self.learner.judge(self._pending, used=False)
+            self._pending = None
+
+    def done(self, planned: Planned, carried_out: bool, status: Status) -> None:
+        if carried_out:
+            self._pending = planned.key

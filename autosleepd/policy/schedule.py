@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from ..control.status import Planned, Status
+from .planner import Planner, to_clock
+
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _WINDOW_RE = re.compile(r"^\s*(?P<days>[A-Za-z*]+(?:-[A-Za-z]+)?)\s+(?P<start>\d{1,2}:\d{2})\s*-\s*(?P<end>\d{1,2}:\d{2})\s*$")
 
@@ -96,3 +99,28 @@ class Schedule:
             return None
         start, window = min(starts, key=lambda item: item[0])
         return window, start
+
+
+class KeepAwakePlanner(Planner):
+    """Never asleep inside a window; woken at each window's start (a pre-wake)."""
+
+    def __init__(self, schedule: Schedule):
+        self._schedule = schedule
+
+    def plan(self, status: Status) -> Planned | None:
+        if status.state.value != "asleep":
+            return None
+        # The first window start since the engine fell asleep: once due, it stays due.
+        upcoming = self._schedule.next_start(status.state_since_wall)
+        if upcoming is None:
+            return None
+        window, start = upcoming
+        return Planned(to_clock(status, start), "schedule",
+                       f"wake: a keep-awake window starts ({window.text})")
+
+    def keep_awake_until(self, status: Status) -> tuple[float, str] | None:
+        active = self._schedule.active(status.wall)
+        if active is None:
+            return None
+        window, end = active
+        return to_clock(status, end), f"the keep-awake window {window.text}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from aiohttp import web
 
@@ -26,6 +27,8 @@ def error_response(status: int, message: str, kind: str, code: str,
                         headers=headers)
 
 
-def refusal_response(reason: str, message: str) -> web.Response:
-    status, kind, retry_after = REFUSALS[reason]
-    return error_response(status, message, kind, reason, retry_after)
+def refusal_response(reason: str, message: str, retry_after: float | None = None) -> web.Response:
+    """``retry_after``: the control plane's estimate (a wake's expected remaining time), if any."""
+    status, kind, default = REFUSALS[reason]
+    seconds = default if retry_after is None else max(1, math.ceil(retry_after))
+    return error_response(status, message, kind, reason, seconds)

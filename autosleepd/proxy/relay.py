@@ -100,7 +100,7 @@ class Proxy:
             try:
                 await self.supervisor.admit(until=until)
             except Refused as refused:
-                return refusal_response(refused.reason, refused.message)
+                return refusal_response(refused.reason, refused.message, refused.retry_after)
             try:
                 return await self._forward(request)
             except _NotConnected as failure:

@@ -8,9 +8,8 @@ argument", until its process is restarted.
 
 from __future__ import annotations
 
-from ..gpu.readers import GpuMemory
+from ..gpu.readers import GiB, GpuMemory
 
-GiB = 2**30
 
 
 class SimGpu:

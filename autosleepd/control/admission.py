@@ -1,0 +1,98 @@
+"""Admission: work in flight and work held, the only truth about activity.
+
+A held request waits on a future, in arrival order, until the supervisor lets everything through
+(``release_all``), refuses everything (``refuse_all``), or its own deadline passes. A client that
+goes away leaves the queue and leaves no trace in any counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Callable
+
+from ..clock import Clock
+
+
+class HoldExpired(Exception):
+    """A held request's deadline passed before it was let through."""
+
+
+@dataclass
+class _Hold:
+    work: bool            # False for a manual wake: it waits, but is not a request in flight
+    since: float
+
+
+class Admission:
+    def __init__(self, clock: Clock, on_change: Callable[[], None],
+                 on_abandoned: Callable[[], None]):
+        self._clock = clock
+        self._on_change = on_change          # wakes the control loop
+        self._on_abandoned = on_abandoned    # a held client went away
+        self._held: dict[asyncio.Future, _Hold] = {}   # dicts keep arrival order
+        self.queued = 0                      # holds that are work (the rest are manual wakes)
+        self.in_flight = 0                   # admitted work not yet finished
+        self.last_work_end = clock.now()
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+    @property
+    def waiting(self) -> bool:
+        """Anyone held: work, or a manual wake."""
+        return bool(self._held)
+
+    @property
+    def idle(self) -> bool:
+        return not self.in_flight and not self._held
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.drained.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self.last_work_end = self._clock.now()
+        if self.in_flight == 0:
+            self.drained.set()
+            self._on_change()
+
+    async def hold(self, work: bool, deadline: float) -> None:
+        """Wait until let through (work is then counted in flight); raise ``HoldExpired``."""
+        future = asyncio.get_running_loop().create_future()
+        self._held[future] = _Hold(work, self._clock.now())
+        self.queued += work
+        timer = self._clock.call_at(deadline, lambda: future.done() or future.set_exception(HoldExpired()))
+        self._on_change()
+        try:
+            await future
+        except asyncio.CancelledError:
+            if not future.done() or future.cancelled():
+                self._on_abandoned()
+            elif work and future.exception() is None:
+                self.leave()   # let in, then cancelled before it could run: give the place back
+            raise
+        finally:
+            timer.cancel()
+            if self._held.pop(future, None) is not None:
+                self.queued -= work
+                self._on_change()
+
+    def release_all(self) -> list[float]:
+        """Let every held request through, in arrival order; return how long each work waited."""
+        now = self._clock.now()
+        held, self._held, self.queued = self._held, {}, 0
+        waited = []
+        for future, hold in held.items():
+            if future.done():
+                continue
+            if hold.work:
+                self.enter()
+                waited.append(now - hold.since)
+            future.set_result(None)
+        return waited
+
+    def refuse_all(self, error: Exception) -> None:
+        for future in list(self._held):
+            if not future.done():
+                future.set_exception(error)
