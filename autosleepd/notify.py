@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Mapping
+from collections.abc import Mapping
 
 import structlog
 

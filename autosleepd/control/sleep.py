@@ -6,8 +6,26 @@ loop turns it into the next state. New work is held meanwhile; work in flight fi
 
 from __future__ import annotations
 
+import structlog
+
 from .engine import EngineError, SleepUnsupported
 from .states import Event, Outcome
+
+
+_log = structlog.get_logger("autosleepd.sleep")
+
+
+def level_for_host_ram(guard, level: int) -> tuple[int | None, str | None]:
+    """A level-1 sleep copies the weights into host RAM: with too little, level 2 or none."""
+    if guard is None:
+        return level, None
+    chosen, why = guard.level_for_sleep(level)
+    if chosen is None:
+        _log.warning("sleep_refused", sleep_level=level, reason=why,
+                     hint="AUTOSLEEPD_LEVEL1_FALLBACK=refuse")
+    elif chosen != level:
+        _log.warning("level1_fallback", from_level=level, to_level=chosen, reason=why)
+    return chosen, why
 
 
 async def fall_asleep(owner, level: int) -> Outcome:
@@ -22,7 +40,7 @@ async def fall_asleep(owner, level: int) -> Outcome:
                        f"flight after {config.drain_timeout:g}s", level=level)
     # Read right before /sleep: an engine already asleep must never get a second one (vLLM
     # would abort every request waiting in it).
-    sleeping = await owner.read_engine()
+    sleeping = await owner.prober.read_engine()
     if isinstance(sleeping, EngineError):
         return Outcome(Event.PROBE_FAILED, str(sleeping), level=level)
     if sleeping:

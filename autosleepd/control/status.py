@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from .states import State
+from .states import Event, Outcome, State
 
 
 @dataclass
@@ -33,6 +33,24 @@ class Stats:
     check_failures: int = 0        # wakes whose output check failed
     broken_reason: str | None = None
     config_error: str | None = None   # autosleepd's own calls were refused (an API key missing)
+
+    def record(self, outcome: Outcome) -> None:
+        """Count what a sleep or wake procedure reports."""
+        event = outcome.event
+        if event is Event.SLEPT:
+            self.sleeps += 1
+            self.last_sleep_seconds = round(outcome.seconds, 3)
+            if outcome.freed is not None:
+                self.gpu_memory_freed_bytes = outcome.freed
+        elif event in (Event.WOKE, Event.FOUND_AWAKE):
+            self.wakes += 1
+            self.last_wake_seconds = round(outcome.seconds, 3)
+            self.last_engine_wake_seconds = round(outcome.engine_seconds, 4)
+        elif event is Event.SLEEP_FAILED:
+            self.sleep_failures += 1
+            self.last_error = outcome.detail
+        elif event is Event.WAKE_FAILED:
+            self.broken_reason = outcome.detail
 
 
 @dataclass(frozen=True)
@@ -82,7 +100,7 @@ class Status:
         upcoming = None
         if self.next_transition is not None:
             at = self.next_transition.at
-            upcoming = {"at": datetime.fromtimestamp(self.wall + at - self.now, timezone.utc)
+            upcoming = {"at": datetime.fromtimestamp(self.wall + at - self.now, UTC)
                         .isoformat(timespec="seconds"),
                         "in_seconds": round(max(0.0, at - self.now), 1),
                         "what": self.next_transition.reason}

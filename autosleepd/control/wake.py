@@ -25,7 +25,7 @@ STILL_WAKING_EVERY = 10.0   # a long wake (a level-2 reload of a large model) sa
 _log = structlog.get_logger("autosleepd.wake")
 
 
-async def wake(owner, level: int) -> Outcome:
+async def wake_engine(owner, level: int) -> Outcome:
     """``owner`` is the Supervisor: its clock, engine, guard, admission, config, checker, wait."""
     started = owner.clock.now()
     locks = await _room(owner)
@@ -46,7 +46,7 @@ async def wake(owner, level: int) -> Outcome:
     return outcome
 
 
-async def _call(owner, level: int, started: float, progress: "_Progress") -> Outcome:
+async def _call(owner, level: int, started: float, progress: _Progress) -> Outcome:
     clock, engine = owner.clock, owner.engine
     deadline = started + owner.config.engine_wake_timeout
     delay, failures = RETRY_BACKOFF[0], 0
@@ -69,7 +69,7 @@ async def _call(owner, level: int, started: float, progress: "_Progress") -> Out
                 return Outcome(Event.WAKE_FAILED, "the wake did not finish within "
                                f"AUTOSLEEPD_ENGINE_WAKE_TIMEOUT={owner.config.engine_wake_timeout:g}s",
                                level=level)
-            sleeping = await owner.read_engine()
+            sleeping = await owner.prober.read_engine()
             if isinstance(sleeping, EngineError):
                 return Outcome(Event.PROBE_FAILED, str(sleeping), level=level)
             if not sleeping:

@@ -16,12 +16,11 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import aiohttp
 import structlog
-
 from aiohttp import web
 
 from ..control.supervisor import Observer, OrderFailed, State, Supervisor

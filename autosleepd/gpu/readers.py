@@ -7,8 +7,9 @@ simulator's GPU) and the policy above it runs unchanged.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import psutil
 

@@ -12,6 +12,7 @@ its configuration, metrics and README section.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..control.status import Planned, Status
@@ -34,12 +35,44 @@ class Planner:
         pass
 
 
+class Planners:
+    """Every planner of a configuration, asked as one."""
+
+    def __init__(self, planners: list[Planner]):
+        self.all = planners
+        # Only planners that learn from arrivals make the proxy's path pay for a snapshot.
+        self.learn_from_arrivals = any(type(p).observe is not Planner.observe for p in planners)
+
+    def next(self, status: Status) -> Planned | None:
+        """The earliest plan; a sleep waits while any planner keeps the engine awake."""
+        plans = [p for p in (planner.plan(status) for planner in self.all) if p is not None]
+        if not plans:
+            return None
+        planned = min(plans, key=lambda p: p.at)
+        kept = self.keep_awake_until(status) if planned.order == "idle" else None
+        if kept is not None and kept[0] > planned.at:
+            planned = replace(planned, at=kept[0], reason=f"sleep when {kept[1]} ends")
+        return planned
+
+    def keep_awake_until(self, status: Status) -> tuple[float, str] | None:
+        kept = [k for k in (p.keep_awake_until(status) for p in self.all) if k is not None]
+        return max(kept, key=lambda k: k[0]) if kept else None
+
+    def observe(self, event: str, status: Status) -> None:
+        for planner in self.all:
+            planner.observe(event, status)
+
+    def done(self, planned: Planned, carried_out: bool, status: Status) -> None:
+        for planner in self.all:
+            planner.done(planned, carried_out, status)
+
+
 def to_clock(status: Status, wall: float) -> float:
     """An epoch time as clock time."""
     return status.now + (wall - status.wall)
 
 
-def build_planners(config: Config, learner=None) -> list[Planner]:
+def build_planners(config: Config, learner=None) -> Planners:
     from .idle import IdlePlanner
     from .ladder import LadderPlanner
     from .prewake import PrewakePlanner
@@ -53,7 +86,6 @@ def build_planners(config: Config, learner=None) -> list[Planner]:
         planners.append(PrewakePlanner(learner, config.idle_timeout))
     if config.ladder is not None:
         planners.append(LadderPlanner(config.ladder, config.sleep_level))
-    if getattr(config, "recycle_residue_growth", 0) or getattr(config, "recycle_after_cycles", 0) \
-            or getattr(config, "recycle_after", 0):
+    if getattr(config, "recycling", False):
         planners.append(RecyclePlanner(config))
-    return planners
+    return Planners(planners)
