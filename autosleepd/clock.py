@@ -10,8 +10,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Callable
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class Timer(Protocol):

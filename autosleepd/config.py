@@ -9,9 +9,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -93,7 +92,7 @@ class Config:
     blocked_paths: frozenset[str] = CONTROL_PATHS
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Config:
+    def from_env(cls, env: Mapping[str, str]) -> "Config":
         read = _Reader(env)
         extra_passive = read.get("PASSIVE_PATHS", frozenset(), _paths)
         extra_blocked = read.get("BLOCKED_PATHS", frozenset(), _paths)

@@ -7,15 +7,10 @@ supervisor at scrape time, so they can never drift from the truth.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from typing import Callable, Iterable
 
 from aiohttp import web
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command or "serve"
     if command == "sim":
-        from .demo import run_sim  # the simulator is loaded only for sim and demo
+        from .demo import run_sim   # the simulator is loaded only for sim and demo
         return run_sim(args)
     if command in ("status", "sleep", "wake"):
         return remote.run(command, args, os.environ)

@@ -8,7 +8,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from typing import Mapping
 
 from ..config import Config, ConfigError, local_url
 

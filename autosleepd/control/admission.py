@@ -8,8 +8,8 @@ goes away leaves the queue and leaves no trace in any counter.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Callable
 
 from ..clock import Clock
 

@@ -7,9 +7,8 @@ simulator's GPU) and the policy above it runs unchanged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import psutil
 

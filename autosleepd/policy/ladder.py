@@ -15,7 +15,7 @@ class Ladder:
     rungs: tuple[tuple[float, int], ...]
 
     @classmethod
-    def parse(cls, text: str, parse_duration) -> Ladder:
+    def parse(cls, text: str, parse_duration) -> "Ladder":
         rungs = []
         for part in (p.strip() for p in text.split(",") if p.strip()):
             idle, _, level = part.partition(":")

@@ -17,7 +17,6 @@ from ..files import write_atomically
 from .planner import Planner, to_clock
 from .schedule import DAYS
 
-
 @dataclass
 class Plan:
     at: float           # epoch seconds

@@ -56,7 +56,7 @@ class Schedule:
     zone: ZoneInfo
 
     @classmethod
-    def parse(cls, text: str, zone: str = "UTC") -> Schedule:
+    def parse(cls, text: str, zone: str = "UTC") -> "Schedule":
         """Raises ValueError naming the part that does not parse."""
         windows = []
         for part in (p for p in text.split(",") if p.strip()):

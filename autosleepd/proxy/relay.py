@@ -181,7 +181,7 @@ class Proxy:
             await response.write_eof()
             return response
 
-    async def _request_body(self, request: web.Request) -> tuple[object, _BodyLimit | None]:
+    async def _request_body(self, request: web.Request) -> tuple[object, "_BodyLimit | None"]:
         """The body to send upstream: small ones whole (read once, so a retry can resend them),
         the rest streamed and, when their length is unknown, counted against the limit."""
         if not request.body_exists:

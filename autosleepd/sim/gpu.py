@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..gpu.readers import GiB, GpuMemory
 
 
+
 class SimGpu:
     def __init__(self, total: int = 80 * GiB, index: int = 0, uuid: str = "GPU-sim-0"):
         self.total = total
