@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -31,8 +31,10 @@ _FALSE = ("0", "false", "no", "off", "")
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable, the value and the rule."""
 
-    def __init__(self, name: str, value: str, expected: str):
-        super().__init__(f"{name}={value!r} is invalid: expected {expected}")
+    def __init__(self, name: str, value: str | None, expected: str):
+        # value None: a secret, named but never shown
+        shown = name if value is None else f"{name}={value!r}"
+        super().__init__(f"{shown} is invalid: expected {expected}")
         self.name = name
 
 
@@ -55,7 +57,6 @@ class Config:
     idle_timeout: float = 300.0          # 0 turns autosleep off
     sleep_level: int = 1
     wake_timeout: float = 120.0          # longest a held request waits
-    engine_wake_timeout: float = 600.0   # longest one wake sequence may take, engine-side
     max_queue: int = 1024
     admin_token: str | None = None
     log_level: str = "info"
@@ -67,7 +68,9 @@ class Config:
     probe_interval: float = 30.0         # how often the engine's real state is re-read
     connect_timeout: float = 5.0         # opening a connection to the engine
     max_body_size: int = 0               # request body limit in bytes; 0: none
-    wake_check: str = "request"          # after a wake: "request" (a 1-token completion) or "state"
+    wake_check: str = "request"          # after a wake: "request", "state" or "fingerprint"
+    engine_wake_timeout: float = 600.0   # one whole wake sequence, engine-side
+    upstream_api_key: str | None = field(default=None, repr=False)   # vLLM's --api-key
     event_loop: str = "auto"             # "auto" (uvloop when installed), "uvloop" or "asyncio"
     # The memory guard
     engine_pid: int | None = None        # the vLLM server's PID; else found from the upstream port
@@ -79,6 +82,10 @@ class Config:
     memory_poll: float = 0.25            # how often free memory is re-read while waiting for it
     restart_command: str | None = None   # runs when the engine is broken (a failed wake)
     restart_backoff: float = 10.0        # before re-running it for an engine still broken; doubles
+    # Recycling (a restart while asleep and idle) against residual-memory drift; 0: off
+    recycle_residue_growth: int = 2 * 2**30   # memory left asleep, grown past the first cycle's
+    recycle_after_cycles: int = 0        # sleep/wake cycles since the engine started
+    recycle_after: float = 0.0           # the engine's age
     coordination_dir: str | None = None  # shared by the sidecars of engines on the same GPUs
     instance: str | None = None          # this sidecar's name there; default host-port
     # Sleep policy beyond one timer
@@ -103,8 +110,6 @@ class Config:
             idle_timeout=read.get("IDLE_TIMEOUT", cls.idle_timeout, _duration),
             sleep_level=read.get("SLEEP_LEVEL", cls.sleep_level, _choice_int(1, 2)),
             wake_timeout=read.get("WAKE_TIMEOUT", cls.wake_timeout, _positive_duration),
-            engine_wake_timeout=read.get("ENGINE_WAKE_TIMEOUT", cls.engine_wake_timeout,
-                                         _positive_duration),
             max_queue=read.get("MAX_QUEUE", cls.max_queue, _int_at_least(0)),
             admin_token=read.get("ADMIN_TOKEN", None, _token),
             log_level=read.get("LOG_LEVEL", cls.log_level, _choice(_LOG_LEVELS)),
@@ -116,7 +121,11 @@ class Config:
             probe_interval=read.get("PROBE_INTERVAL", cls.probe_interval, _positive_duration),
             connect_timeout=read.get("CONNECT_TIMEOUT", cls.connect_timeout, _positive_duration),
             max_body_size=read.get("MAX_BODY_SIZE", cls.max_body_size, _size),
-            wake_check=read.get("WAKE_CHECK", cls.wake_check, _choice(("request", "state", "fingerprint"))),
+            wake_check=read.get("WAKE_CHECK", cls.wake_check,
+                                _choice(("request", "state", "fingerprint"))),
+            engine_wake_timeout=read.get("ENGINE_WAKE_TIMEOUT", cls.engine_wake_timeout,
+                                         _positive_duration),
+            upstream_api_key=_api_key(read),
             event_loop=read.get("EVENT_LOOP", cls.event_loop, _event_loop),
             engine_pid=read.get("ENGINE_PID", None, _int_at_least(1)),
             gpus=read.get("GPUS", cls.gpus, _gpu_list),
@@ -128,6 +137,11 @@ class Config:
             memory_poll=read.get("MEMORY_POLL", cls.memory_poll, _positive_duration),
             restart_command=read.get("ENGINE_RESTART_COMMAND", None, _optional_text),
             restart_backoff=read.get("RESTART_BACKOFF", cls.restart_backoff, _positive_duration),
+            recycle_residue_growth=read.get("RECYCLE_RESIDUE_GROWTH", cls.recycle_residue_growth,
+                                            _size),
+            recycle_after_cycles=read.get("RECYCLE_AFTER_CYCLES", cls.recycle_after_cycles,
+                                          _int_at_least(0)),
+            recycle_after=read.get("RECYCLE_AFTER", cls.recycle_after, _duration),
             coordination_dir=read.get("COORDINATION_DIR", None, _absolute_dir),
             instance=read.get("INSTANCE", None, _instance_name),
             prewake=read.get("PREWAKE", cls.prewake, _choice(("off", "learned"))),
@@ -150,6 +164,7 @@ class Config:
                                   f"either a ladder or {PREFIX}{clash[0]}, not both")
             config = replace(config, idle_timeout=ladder.first[0], sleep_level=ladder.first[1])
         config = replace(config, timezone=zone, keep_awake=schedule, ladder=ladder)
+        _check_recycling(config, env)
         if config.prewake == "learned" and not config.autosleep:
             raise ConfigError(PREFIX + "PREWAKE", "learned", "autosleep on (an idle timeout above 0)")
         return config
@@ -157,6 +172,12 @@ class Config:
     @property
     def autosleep(self) -> bool:
         return self.idle_timeout > 0
+
+    @property
+    def recycling(self) -> bool:
+        """Whether any recycle limit is on (each needs the restart command)."""
+        return self.restart_command is not None and bool(
+            self.recycle_residue_growth or self.recycle_after_cycles or self.recycle_after)
 
 
 T = TypeVar("T")
@@ -166,7 +187,7 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]):
         self._env = env
 
-    def get(self, key: str, default: T, parse: Callable[[str], T]) -> T:
+    def get(self, key: str, default: T, parse: Callable[[str], T], secret: bool = False) -> T:
         name = PREFIX + key
         raw = self._env.get(name)
         if raw is None:
@@ -174,7 +195,7 @@ class _Reader:
         try:
             return parse(raw)
         except _Invalid as invalid:
-            raise ConfigError(name, raw, invalid.expected) from None
+            raise ConfigError(name, None if secret else raw, invalid.expected) from None
 
 
 class _Invalid(Exception):
@@ -256,6 +277,45 @@ def _token(raw: str) -> str | None:
     if raw != raw.strip() or any(ord(c) < 33 for c in raw):
         raise _Invalid("a token without spaces or control characters")
     return raw
+
+
+_KEY = PREFIX + "UPSTREAM_API_KEY"
+
+
+def _api_key(read: _Reader) -> str | None:
+    """vLLM's --api-key, from the variable or from the file it names; never shown in an error."""
+    key = read.get("UPSTREAM_API_KEY", None, _token, secret=True)
+    path = read.get("UPSTREAM_API_KEY_FILE", None, _optional_text)
+    if path is None:
+        return key
+    if key is not None:
+        raise ConfigError(_KEY + "_FILE", path, f"either {_KEY} or {_KEY}_FILE, not both")
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read().removesuffix("\n").removesuffix("\r")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(_KEY + "_FILE", path, f"a readable file holding the key ({reason})") from None
+    try:
+        key = _token(text)
+    except _Invalid as invalid:
+        raise ConfigError(_KEY + "_FILE", path, "a file holding one " + invalid.expected[2:]) from None
+    if key is None:
+        raise ConfigError(_KEY + "_FILE", path, "a file holding the key, not an empty one")
+    return key
+
+
+def _check_recycling(config: Config, env: Mapping[str, str]) -> None:
+    """A recycle limit set without a restart command could never act: say so at start."""
+    if config.restart_command is not None:
+        return
+    for key, value in (("RECYCLE_RESIDUE_GROWTH", config.recycle_residue_growth),
+                       ("RECYCLE_AFTER_CYCLES", config.recycle_after_cycles),
+                       ("RECYCLE_AFTER", config.recycle_after)):
+        if PREFIX + key in env and value:
+            raise ConfigError(PREFIX + key, env[PREFIX + key],
+                              f"0, or {PREFIX}ENGINE_RESTART_COMMAND set too: recycling restarts "
+                              "the engine with it")
 
 
 def _event_loop(raw: str) -> str:

@@ -44,7 +44,7 @@ class Autosleepd:
 
     async def start(self) -> None:
         config = self.config
-        self.engine = EngineClient(config.upstream, config.connect_timeout)
+        self.engine = EngineClient(config.upstream, config.connect_timeout, config.upstream_api_key)
         await self.engine.start()
         gpu = self._gpu or open_nvml()
         guard = None

@@ -79,7 +79,8 @@ class Run:
     # ----- processes --------------------------------------------------------------------------
 
     def start_engine(self, name: str, model_dir: str, port: int, utilization: float,
-                     dummy: bool = False) -> Process:
+                     dummy: bool = False, api_key: str | None = None,
+                     vllm_args: tuple[str, ...] = ()) -> Process:
         if self.engine == "sim":
             command = [sys.executable, "-m", "autosleepd", "sim", "--port", str(port), "--load", "1s",
                        "--sleep", "0.3", "--wake", "0.6", "--reload", "1", "--token", "0.01",
@@ -91,6 +92,9 @@ class Run:
                        "--max-model-len", "4096", "--enable-log-requests"]
             if dummy:
                 command += ["--load-format", "dummy"]
+            command += vllm_args
+        if api_key:
+            command += ["--api-key", api_key]   # the same flag for vLLM and the simulator
         env = {**self.env, "VLLM_SERVER_DEV_MODE": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0",
                "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
         process = Process(name, command, env, self.out / f"{name}.log")

@@ -84,3 +84,99 @@ def test_autosleepd_exits_2_with_one_line_naming_the_variable_before_listening(n
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and repr(value) in lines[0], result.stderr
     assert result.stdout == ""
+
+
+# ----- engine truth: the engine's API key, the engine-side wake deadline, recycling ------------
+
+SECRET = "sk-upstream-5be1d0"
+
+
+def test_the_engine_key_is_read_from_the_variable_and_never_shown_in_a_repr():
+    config = Config.from_env({"AUTOSLEEPD_UPSTREAM_API_KEY": SECRET})
+    assert config.upstream_api_key == SECRET
+    assert SECRET not in repr(config)
+    assert Config.from_env({}).upstream_api_key is None
+
+
+def test_the_engine_key_is_read_from_a_mounted_file_without_its_trailing_newline(tmp_path):
+    path = tmp_path / "key"
+    path.write_text(SECRET + "\n")
+    config = Config.from_env({"AUTOSLEEPD_UPSTREAM_API_KEY_FILE": str(path)})
+    assert config.upstream_api_key == SECRET
+
+
+@pytest.mark.parametrize("case", ["both", "missing", "empty", "spaces", "bad_inline"])
+def test_a_bad_engine_key_names_its_variable_and_never_shows_the_key(tmp_path, case):
+    path = tmp_path / "key"
+    path.write_text({"both": SECRET, "empty": "\n", "spaces": f"{SECRET} {SECRET}\n"}.get(case, ""))
+    env = {"both": {"AUTOSLEEPD_UPSTREAM_API_KEY": SECRET,
+                    "AUTOSLEEPD_UPSTREAM_API_KEY_FILE": str(path)},
+           "missing": {"AUTOSLEEPD_UPSTREAM_API_KEY_FILE": str(tmp_path / "absent")},
+           "empty": {"AUTOSLEEPD_UPSTREAM_API_KEY_FILE": str(path)},
+           "spaces": {"AUTOSLEEPD_UPSTREAM_API_KEY_FILE": str(path)},
+           "bad_inline": {"AUTOSLEEPD_UPSTREAM_API_KEY": f"{SECRET} x"}}[case]
+    with pytest.raises(ConfigError) as error:
+        Config.from_env(env)
+    expected = "AUTOSLEEPD_UPSTREAM_API_KEY" + ("" if case == "bad_inline" else "_FILE")
+    assert error.value.name == expected and expected in str(error.value)
+    assert SECRET not in str(error.value)
+
+
+def test_an_unreadable_key_file_exits_2_with_one_line_that_shows_no_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
+    env.update({"AUTOSLEEPD_UPSTREAM_API_KEY": SECRET, "AUTOSLEEPD_PORT": "1",
+                "AUTOSLEEPD_UPSTREAM_API_KEY_FILE": str(tmp_path / "absent")})
+    result = subprocess.run([sys.executable, "-m", "autosleepd"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "AUTOSLEEPD_UPSTREAM_API_KEY_FILE" in lines[0], result.stderr
+    assert SECRET not in result.stderr
+
+
+def test_the_engine_side_wake_deadline_is_its_own_setting():
+    assert Config.from_env({}).engine_wake_timeout == 600
+    config = Config.from_env({"AUTOSLEEPD_ENGINE_WAKE_TIMEOUT": "15m", "AUTOSLEEPD_WAKE_TIMEOUT": "1s"})
+    assert (config.engine_wake_timeout, config.wake_timeout) == (900, 1)
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"AUTOSLEEPD_ENGINE_WAKE_TIMEOUT": "0"})
+    assert error.value.name == "AUTOSLEEPD_ENGINE_WAKE_TIMEOUT"
+
+
+def test_the_wake_check_can_be_a_fingerprint():
+    assert Config.from_env({"AUTOSLEEPD_WAKE_CHECK": "fingerprint"}).wake_check == "fingerprint"
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({"AUTOSLEEPD_WAKE_CHECK": "tokens"})
+    assert "fingerprint" in str(error.value)
+
+
+def test_recycle_limits_are_read_and_need_the_restart_command():
+    config = Config.from_env({})
+    assert (config.recycle_residue_growth, config.recycle_after_cycles, config.recycle_after) == (2 * 2**30, 0, 0)
+    assert not config.recycling   # the default residue limit acts only with a restart command
+    config = Config.from_env({"AUTOSLEEPD_ENGINE_RESTART_COMMAND": "systemctl restart vllm",
+                              "AUTOSLEEPD_RECYCLE_RESIDUE_GROWTH": "512MiB",
+                              "AUTOSLEEPD_RECYCLE_AFTER_CYCLES": "500",
+                              "AUTOSLEEPD_RECYCLE_AFTER": "24h"})
+    assert (config.recycle_residue_growth, config.recycle_after_cycles, config.recycle_after) == (
+        512 * 2**20, 500, 86400)
+    assert config.recycling
+    assert not Config.from_env({"AUTOSLEEPD_RECYCLE_RESIDUE_GROWTH": "0"}).recycling
+
+
+@pytest.mark.parametrize("name, value", [("AUTOSLEEPD_RECYCLE_RESIDUE_GROWTH", "1GiB"),
+                                         ("AUTOSLEEPD_RECYCLE_AFTER_CYCLES", "100"),
+                                         ("AUTOSLEEPD_RECYCLE_AFTER", "12h")])
+def test_a_recycle_limit_without_a_restart_command_is_refused(name, value):
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({name: value})
+    assert error.value.name == name and "AUTOSLEEPD_ENGINE_RESTART_COMMAND" in str(error.value)
+
+
+@pytest.mark.parametrize("name, value", [("AUTOSLEEPD_RECYCLE_RESIDUE_GROWTH", "lots"),
+                                         ("AUTOSLEEPD_RECYCLE_AFTER_CYCLES", "-1"),
+                                         ("AUTOSLEEPD_RECYCLE_AFTER", "a day")])
+def test_a_malformed_recycle_limit_names_the_variable(name, value):
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({name: value, "AUTOSLEEPD_ENGINE_RESTART_COMMAND": "true"})
+    assert error.value.name == name and repr(value) in str(error.value)

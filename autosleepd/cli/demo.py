@@ -20,7 +20,8 @@ def run_sim(args: argparse.Namespace) -> int:
                            wake_seconds=args.wake, reload_seconds=args.reload,
                            token_seconds=args.token, asleep_behaviour=args.asleep,
                            dev_mode=not args.no_dev_mode, sleep_mode=not args.no_sleep_mode,
-                           dummy_weights=args.dummy_weights)
+                           dummy_weights=args.dummy_weights, api_key=args.api_key,
+                           residue_step_bytes=args.residue_step)
 
     async def run() -> int:
         try:

@@ -9,7 +9,7 @@ import resource
 import sys
 
 from .. import __version__, log
-from ..config import Config, ConfigError, parse_duration
+from ..config import Config, ConfigError, parse_duration, parse_size
 from ..server import Autosleepd
 from . import remote
 
@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-dev-mode", action="store_true", help="as without VLLM_SERVER_DEV_MODE=1")
     sim.add_argument("--no-sleep-mode", action="store_true", help="as without --enable-sleep-mode")
     sim.add_argument("--dummy-weights", action="store_true", help="as with --load-format dummy")
+    sim.add_argument("--api-key", help="as vLLM's --api-key: /v1 paths need 'Authorization: Bearer KEY'")
+    sim.add_argument("--residue-step", type=_size_arg, default=0,
+                     help="GPU memory left asleep grows by this much at every sleep (e.g. 256MiB)")
     return parser
 
 
@@ -93,6 +96,13 @@ def _duration_arg(text: str) -> float:
         return parse_duration(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 0.5, 250ms or 2s") from None
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4096, 256MiB or 1GiB") from None
 
 
 def _raise_open_files_limit() -> None:

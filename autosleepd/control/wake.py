@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import structlog
 
-from .engine import EngineError, EngineUnreachable
+from .engine import EngineError, EngineTimeout
 from .states import Event, Outcome
 
 # Retrying a wake that failed with an answer, while anyone waits: quick, then up to 5 s apart.
@@ -65,7 +65,7 @@ async def _call(owner, level: int, started: float, progress: _Progress) -> Outco
             owner.stats.last_error = str(error)
             owner.tell("wake_failed")
             _log.error("wake_failed", sleep_level=level, error=str(error), attempt=failures)
-            if isinstance(error, EngineUnreachable) and clock.now() >= deadline:
+            if isinstance(error, EngineTimeout):   # its timeout is what was left of the deadline
                 return Outcome(Event.WAKE_FAILED, "the wake did not finish within "
                                f"AUTOSLEEPD_ENGINE_WAKE_TIMEOUT={owner.config.engine_wake_timeout:g}s",
                                level=level)

@@ -86,6 +86,6 @@ def build_planners(config: Config, learner=None) -> Planners:
         planners.append(PrewakePlanner(learner, config.idle_timeout))
     if config.ladder is not None:
         planners.append(LadderPlanner(config.ladder, config.sleep_level))
-    if getattr(config, "recycling", False):
+    if config.recycling:
         planners.append(RecyclePlanner(config))
     return Planners(planners)

@@ -17,6 +17,7 @@ import collections
 import json
 import socket
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -55,6 +56,10 @@ class SimSettings:
     awake_bytes: int = 60 * 2**30
     asleep_bytes: int = 2 * 2**30
     weights_bytes: int = 16 * 2**30
+    # Engine truth (issue 11): vLLM's --api-key, and residual-memory drift (vLLM #36651): what
+    # stays on the GPU asleep grows by this much at every sleep, until the process restarts.
+    api_key: str | None = None
+    residue_step_bytes: int = 0
 
 
 @dataclass
@@ -98,6 +103,7 @@ class SimulatedEngine:
         self.port = self._sock.getsockname()[1]
         self.stats = SimStats()
         self.faults: dict[str, collections.deque[Fault]] = collections.defaultdict(collections.deque)
+        self.corrupt_next_wake = False  # the next full wake answers wrong (vLLM #53888, #29341)
         self._runner: web.AppRunner | None = None
         self._reset_engine()
 
@@ -129,6 +135,7 @@ class SimulatedEngine:
         self._running: set[asyncio.Task] = set()     # those past the scheduler (engine awake)
         self._aborted: set[asyncio.Task] = set()
         self._hung: list[asyncio.Future] = []
+        self.residue_bytes = 0          # leaked by the sleeps since this process started
 
     @property
     def sleeping(self) -> bool:
@@ -193,6 +200,8 @@ class SimulatedEngine:
         self.stats.log.append((time.monotonic(), request.method, path, self.sleeping or self.paused))
         if path.startswith("/sim/"):
             return await self._sim_endpoint(request)
+        if not self._authorized(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
         if self.faults.get(path):
             fault = self.faults[path].popleft()
             if fault.hang:
@@ -290,7 +299,7 @@ class SimulatedEngine:
         self.level = level
         self.asleep_tags = {"weights", "kv_cache"}
         if self.gpu is not None:
-            self.gpu.set_holding(self.pid, self.settings.asleep_bytes)
+            self.gpu.set_holding(self.pid, self._leak_and_hold())
         if level == 1:
             self.host_bytes = self.settings.weights_bytes   # pinned CPU backup of the weights
         if level == 2:
@@ -320,6 +329,8 @@ class SimulatedEngine:
                     self.stats.violations["level2_wake_without_reload"] += 1
             await asyncio.sleep(self.settings.wake_seconds)
             self.asleep_tags -= tags
+            if not self.asleep_tags:
+                self._corrupt_if_asked()
         if not self.asleep_tags:
             self.level = None
             self.paused = False
@@ -351,12 +362,33 @@ class SimulatedEngine:
         """GPU bytes held once only ``still_asleep`` tags sleep: weights first, then KV cache."""
         s = self.settings
         weights = min(s.weights_bytes, s.awake_bytes - s.asleep_bytes)
-        holding = s.awake_bytes
+        holding = s.awake_bytes + self.residue_bytes
         if "kv_cache" in still_asleep:
             holding -= s.awake_bytes - s.asleep_bytes - weights
         if "weights" in still_asleep:
             holding -= weights
         return holding
+
+    # ----- engine truth: an API key, a wrong wake, a growing residue ---------------------------
+
+    def _authorized(self, request: web.Request) -> bool:
+        """As vLLM's --api-key: only /v1 (and /v2, /inference, /cohere) need the bearer key."""
+        if self.settings.api_key is None:
+            return True
+        if not request.path.startswith(("/v1", "/v2", "/inference", "/cohere")):
+            return True
+        return request.headers.get("Authorization") == f"Bearer {self.settings.api_key}"
+
+    def _corrupt_if_asked(self) -> None:
+        """After a full wake: answer wrong from now on if asked to (``/health`` stays 200)."""
+        if self.corrupt_next_wake:
+            self.corrupt_next_wake = False
+            self.weights_valid = False
+
+    def _leak_and_hold(self) -> int:
+        """GPU bytes held asleep: the contracted rest, plus what every sleep so far leaked."""
+        self.residue_bytes += self.settings.residue_step_bytes
+        return self.settings.asleep_bytes + self.residue_bytes
 
     def _abort_all(self) -> None:
         for task in list(self._in_flight):
@@ -392,7 +424,8 @@ class SimulatedEngine:
             if response is not None:
                 return await self._stream(request, response, prompt, max_tokens)
             text = await self._generate(prompt, max_tokens)
-            return web.json_response(_completion_body(request.path, self.settings.model, text, "length"))
+            answer = _completion_body(request.path, self.settings.model, text, "length")
+            return web.json_response(_with_logprobs(answer, body, text))
         except asyncio.CancelledError:
             if task not in self._aborted:
                 self.stats.aborted_by_client += 1
@@ -436,10 +469,13 @@ class SimulatedEngine:
         if request.path == "/sim/stats":
             return web.json_response({**self.stats.as_dict(), "sleeping": self.sleeping,
                                       "level": self.level, "dead": self.dead,
-                                      "zombie": self.zombie})
+                                      "zombie": self.zombie, "residue_bytes": self.residue_bytes})
         if request.path == "/sim/echo":   # what arrived, byte for byte
             return web.Response(body=await request.read(),
                                 content_type=request.content_type or "application/octet-stream")
+        if request.path == "/sim/corrupt_next_wake" and request.method == "POST":
+            self.corrupt_next_wake = True
+            return web.json_response({"ok": True})
         if request.path == "/sim/fault" and request.method == "POST":
             spec = await request.json()
             self.fail_next(spec.pop("path"), spec.pop("times", 1), **spec)
@@ -471,6 +507,22 @@ def _completion_body(path: str, model: str, text: str, finish: str | None, delta
         kind = "text_completion"
     return {"id": "cmpl-sim", "object": kind, "created": int(time.time()), "model": model,
             "choices": [choice]}
+
+
+def _with_logprobs(answer: dict, request: dict, text: str) -> dict:
+    """A completion's ``logprobs`` when asked: one token per word, with ids derived from the
+    word, shown as "token_id:N" under ``return_tokens_as_token_ids`` as vLLM does."""
+    choice = answer["choices"][0]
+    if not request.get("logprobs") or "text" not in choice:
+        return answer
+    words = [" " + word for word in text.split(" ")[1:]]
+    ids = [zlib.crc32(word.encode()) % 151_936 for word in words]
+    tokens = ([f"token_id:{i}" for i in ids] if request.get("return_tokens_as_token_ids")
+              else words)
+    offsets = [sum(map(len, words[:n])) for n in range(len(words))]
+    choice["logprobs"] = {"tokens": tokens, "token_logprobs": [-0.01] * len(words),
+                          "top_logprobs": [{t: -0.01} for t in tokens], "text_offset": offsets}
+    return answer
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
