@@ -182,9 +182,10 @@ def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """Each AUTOSLEEPD_* variable that no setting reads, with the closest valid name (or None)."""
     read = _Reader({})
     Config._read(read, {})   # asks for every variable, all unset
-    known = read.asked | _OTHER_VARIABLES
-    return [(name, next(iter(difflib.get_close_matches(name, known, n=1)), None))
-            for name in sorted(env) if name.startswith(PREFIX) and name not in known]
+    known = {name[len(PREFIX):] for name in read.asked | _OTHER_VARIABLES}
+    return [(name, next((PREFIX + close for close in
+                         difflib.get_close_matches(name[len(PREFIX):], known, n=1)), None))
+            for name in sorted(env) if name.startswith(PREFIX) and name[len(PREFIX):] not in known]
 
 
 T = TypeVar("T")

@@ -260,7 +260,7 @@ class _BodyLimit:
             yield chunk
 
 
-_CONTINUED = "autosleepd.continued"   # 100 Continue sent for this request
+_CONTINUED = web.RequestKey("continued", bool)   # 100 Continue sent for this request
 
 
 async def defer_continue(request: web.Request) -> None:
