@@ -18,3 +18,4 @@ test: $(VENV)/.installed   ## the whole test suite
 bench: $(VENV)/.installed  ## side-by-side benchmarks (needs wrk; nginx is compared when present)
 	$(VENV)/bin/python -m pip install -q -e '.[bench]'
 	$(VENV)/bin/python bench/bench.py
+	$(VENV)/bin/python bench/held_bodies.py

@@ -6,8 +6,11 @@ variable, the value and what was expected; the command line turns that into exit
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, TypeVar
@@ -16,9 +19,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .policy.ladder import Ladder
 from .policy.schedule import Schedule
-from .proxy.routes import CONTROL_PATHS, PASSIVE_PATHS, normalize_path
+from .proxy.routes import CONTROL_PATHS, INFERENCE_PATHS, PASSIVE_PATHS, normalize_path
 
 PREFIX = "AUTOSLEEPD_"
+# Read outside the configuration: by ``autosleepd status|sleep|wake``.
+_OTHER_VARIABLES = frozenset({PREFIX + "URL"})
+# Admin tokens that are examples, not secrets.
+_PLACEHOLDER_WORDS = ("changeme", "replace", "placeholder", "example", "yourtoken", "password",
+                      "secret", "token")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -31,10 +39,10 @@ _FALSE = ("0", "false", "no", "off", "")
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable, the value and the rule."""
 
-    def __init__(self, name: str, value: str | None, expected: str):
-        # value None: a secret, named but never shown
-        shown = name if value is None else f"{name}={value!r}"
-        super().__init__(f"{shown} is invalid: expected {expected}")
+    def __init__(self, name: str, value: str | None, expected: str, shown: str | None = None):
+        # value None: a secret, named but never shown; ``shown``: the value masked
+        text = name if value is None else f"{name}={shown or repr(value)}"
+        super().__init__(f"{text} is invalid: expected {expected}")
         self.name = name
 
 
@@ -68,6 +76,10 @@ class Config:
     probe_interval: float = 30.0         # how often the engine's real state is re-read
     connect_timeout: float = 5.0         # opening a connection to the engine
     max_body_size: int = 0               # request body limit in bytes; 0: none
+    keepalive_timeout: float = 75.0      # an idle client connection is closed after this (nginx's)
+    header_timeout: float = 20.0         # a client has this long to send a request's headers
+    max_connections: int = 4096          # client connections open at once; more get 503
+    trusted_proxies: frozenset = frozenset()   # fronts whose X-Forwarded-Proto/-Host are kept
     wake_check: str = "request"          # after a wake: "request", "state" or "fingerprint"
     engine_wake_timeout: float = 600.0   # one whole wake sequence, engine-side
     upstream_api_key: str | None = field(default=None, repr=False)   # vLLM's --api-key
@@ -100,12 +112,15 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Config":
-        read = _Reader(env)
+        return cls._read(_Reader(env), env)
+
+    @classmethod
+    def _read(cls, read: "_Reader", env: Mapping[str, str]) -> "Config":
         extra_passive = read.get("PASSIVE_PATHS", frozenset(), _paths)
         extra_blocked = read.get("BLOCKED_PATHS", frozenset(), _paths)
         config = cls(
             upstream=read.get("UPSTREAM", cls.upstream, _upstream_url),
-            host=read.get("HOST", cls.host, _nonempty),
+            host=read.get("HOST", cls.host, _host),
             port=read.get("PORT", cls.port, _port),
             idle_timeout=read.get("IDLE_TIMEOUT", cls.idle_timeout, _duration),
             sleep_level=read.get("SLEEP_LEVEL", cls.sleep_level, _choice_int(1, 2)),
@@ -121,6 +136,11 @@ class Config:
             probe_interval=read.get("PROBE_INTERVAL", cls.probe_interval, _positive_duration),
             connect_timeout=read.get("CONNECT_TIMEOUT", cls.connect_timeout, _positive_duration),
             max_body_size=read.get("MAX_BODY_SIZE", cls.max_body_size, _size),
+            keepalive_timeout=read.get("KEEPALIVE_TIMEOUT", cls.keepalive_timeout,
+                                       _positive_duration),
+            header_timeout=read.get("HEADER_TIMEOUT", cls.header_timeout, _positive_duration),
+            max_connections=read.get("MAX_CONNECTIONS", cls.max_connections, _int_at_least(1)),
+            trusted_proxies=read.get("TRUSTED_PROXIES", cls.trusted_proxies, _networks),
             wake_check=read.get("WAKE_CHECK", cls.wake_check,
                                 _choice(("request", "state", "fingerprint"))),
             engine_wake_timeout=read.get("ENGINE_WAKE_TIMEOUT", cls.engine_wake_timeout,
@@ -150,10 +170,12 @@ class Config:
             passive_paths=(PASSIVE_PATHS | extra_passive) - extra_blocked,
             blocked_paths=CONTROL_PATHS | extra_blocked,
         )
-        overlap = extra_passive & CONTROL_PATHS
-        if overlap:
-            raise ConfigError(PREFIX + "PASSIVE_PATHS", env[PREFIX + "PASSIVE_PATHS"],
-                              f"no vLLM control path (found {', '.join(sorted(overlap))})")
+        for forbidden, what in ((CONTROL_PATHS, "vLLM control path"),
+                                (INFERENCE_PATHS, "inference path: it would reach a sleeping engine")):
+            overlap = extra_passive & forbidden
+            if overlap:
+                raise ConfigError(PREFIX + "PASSIVE_PATHS", env[PREFIX + "PASSIVE_PATHS"],
+                                  f"no {what} (found {', '.join(sorted(overlap))})")
         zone = read.get("TIMEZONE", cls.timezone, _timezone)
         schedule = read.get("KEEP_AWAKE", None, lambda raw: _schedule(raw, zone))
         ladder = read.get("LADDER", None, _ladder)
@@ -180,27 +202,40 @@ class Config:
             self.recycle_residue_growth or self.recycle_after_cycles or self.recycle_after)
 
 
+def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each AUTOSLEEPD_* variable that no setting reads, with the closest valid name (or None)."""
+    read = _Reader({})
+    Config._read(read, {})   # asks for every variable, all unset
+    known = {name[len(PREFIX):] for name in read.asked | _OTHER_VARIABLES}
+    return [(name, next((PREFIX + close for close in
+                         difflib.get_close_matches(name[len(PREFIX):], known, n=1)), None))
+            for name in sorted(env) if name.startswith(PREFIX) and name[len(PREFIX):] not in known]
+
+
 T = TypeVar("T")
 
 
 class _Reader:
     def __init__(self, env: Mapping[str, str]):
         self._env = env
+        self.asked: set[str] = set()
 
     def get(self, key: str, default: T, parse: Callable[[str], T], secret: bool = False) -> T:
         name = PREFIX + key
+        self.asked.add(name)
         raw = self._env.get(name)
         if raw is None:
             return default
         try:
             return parse(raw)
         except _Invalid as invalid:
-            raise ConfigError(name, None if secret else raw, invalid.expected) from None
+            raise ConfigError(name, None if secret else raw, invalid.expected, invalid.shown) from None
 
 
 class _Invalid(Exception):
-    def __init__(self, expected: str):
+    def __init__(self, expected: str, shown: str | None = None):
         self.expected = expected
+        self.shown = shown   # what the message shows instead of a value that may be a secret
 
 
 def _duration(raw: str) -> float:
@@ -217,25 +252,25 @@ def _positive_duration(raw: str) -> float:
     return seconds
 
 
+def _ascii_int(raw: str) -> int | None:
+    """A whole number in ASCII digits (int() would take '٨٠٨٠' as 8080), else None."""
+    text = raw.strip()
+    return int(text) if re.fullmatch(r"-?[0-9]+", text) else None
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise _Invalid(f"a whole number of at least {low}") from None
-        if value < low:
+        value = _ascii_int(raw)
+        if value is None or value < low:
             raise _Invalid(f"a whole number of at least {low}")
         return value
     return parse
 
 
 def _port(raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise _Invalid("a port number from 0 to 65535")
+    value = _ascii_int(raw)
+    if value is None or not 0 <= value <= 65535:
+        raise _Invalid("a port number from 0 to 65535 (ASCII digits)")
     return value
 
 
@@ -265,17 +300,29 @@ def _bool(raw: str) -> bool:
     raise _Invalid("true or false (1/0, yes/no, on/off)")
 
 
-def _nonempty(raw: str) -> str:
-    if not raw.strip():
-        raise _Invalid("a non-empty value")
-    return raw.strip()
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _host(raw: str) -> str:
+    host = raw.strip()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not (len(host) <= 253 and _HOSTNAME_RE.fullmatch(host)):
+            raise _Invalid("an IP address or a host name, such as 0.0.0.0, :: or localhost") from None
+    return host
 
 
 def _token(raw: str) -> str | None:
     if not raw:
         return None
-    if raw != raw.strip() or any(ord(c) < 33 for c in raw):
-        raise _Invalid("a token without spaces or control characters")
+    shown = f"<hidden, {len(raw)} characters>"
+    if raw != raw.strip() or any(ord(c) < 33 or ord(c) > 126 for c in raw):
+        raise _Invalid("a token of printable ASCII without spaces", shown)
+    letters = re.sub(r"[^a-z]", "", raw.lower())
+    if len(raw) < 16 or len(set(raw)) < 4 or any(word in letters for word in _PLACEHOLDER_WORDS):
+        raise _Invalid("a random token of at least 16 characters, not a placeholder; make one "
+                       "with: openssl rand -hex 32", shown)
     return raw
 
 
@@ -367,7 +414,14 @@ def _gpu_list(raw: str) -> frozenset[str]:
 def _absolute_dir(raw: str) -> str:
     if not raw.startswith("/"):
         raise _Invalid("an absolute directory path such as /run/autosleepd")
-    return raw.rstrip("/") or "/"
+    path = raw.rstrip("/") or "/"
+    existing = path
+    while not os.path.exists(existing):   # it is made at start: its nearest ancestor must allow it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise _Invalid(f"a directory autosleepd can write to ({existing} is not writable by "
+                       f"uid {os.getuid()})")
+    return path
 
 
 def _instance_name(raw: str) -> str:
@@ -378,14 +432,27 @@ def _instance_name(raw: str) -> str:
 
 def _upstream_url(raw: str) -> str:
     url = raw.strip().rstrip("/")
-    parts = urlsplit(url)
+    expected = "an http:// or https:// URL such as http://127.0.0.1:8000"
     try:
+        parts = urlsplit(url)
         _ = parts.port   # reading it raises on a malformed port
-    except ValueError:
-        raise _Invalid("an http:// or https:// URL such as http://127.0.0.1:8000") from None
+    except ValueError:   # also a malformed IPv6 address, such as http://[::1
+        raise _Invalid(expected) from None
+    if "@" in parts.netloc:
+        raise _Invalid("a URL without user:password@ (the engine's API key goes in "
+                       "AUTOSLEEPD_UPSTREAM_API_KEY)",
+                       repr(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()))
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise _Invalid("an http:// or https:// URL such as http://127.0.0.1:8000")
+        raise _Invalid(expected)
     return url
+
+
+def _networks(raw: str) -> frozenset:
+    try:
+        return frozenset(ipaddress.ip_network(item.strip(), strict=False)
+                         for item in raw.split(",") if item.strip())
+    except ValueError:
+        raise _Invalid("comma-separated addresses or networks, such as 10.0.0.0/8,192.0.2.7") from None
 
 
 def _paths(raw: str) -> frozenset[str]:

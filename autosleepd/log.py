@@ -7,6 +7,7 @@ stream stays one format.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TextIO
 
@@ -16,8 +17,32 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+class _Survivable:
+    """A log stream whose reader may go away: then the logs go to /dev/null, and nothing that
+    logs (a signal handler, the proxy) ever sees the write fail."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            # Point the descriptor at /dev/null, so the text still buffered flushes at exit too.
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+
+    def flush(self) -> None:
+        pass   # every write is flushed
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    stream = stream or sys.stderr
+    stream = _Survivable(stream or sys.stderr)
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer = (structlog.processors.JSONRenderer() if as_json
                 else structlog.dev.ConsoleRenderer(colors=stream.isatty()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -28,7 +29,11 @@ from .gpu.readers import GpuReader, HostProcesses, Processes, open_nvml
 from .metrics import Metrics
 from .notify import SystemdNotifier
 from .policy.prewake import PrewakeLearner
-from .proxy.relay import Proxy
+from .proxy.connections import Connection, Limits
+from .proxy.relay import Proxy, defer_continue
+
+
+RECEIVE_BUFFER = 16 * 1024
 
 
 class Autosleepd:
@@ -82,23 +87,31 @@ class Autosleepd:
         app = web.Application()
         app.router.add_get("/autosleepd/metrics", self.metrics.handle)
         app.add_routes(self.admin.routes())
-        app.router.add_route("*", "/{path:.*}", self.proxy.handle)
+        app.router.add_route("*", "/{path:.*}", self.proxy.handle, expect_handler=defer_continue)
         # handler_cancellation: a client that goes away cancels its handler, which takes it out
         # of the queue or closes its upstream request (so vLLM aborts the generation).
         # shutdown_timeout: our own drain has already waited; this only lets the handlers of
         # answered requests finish writing.
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
+        limits = Limits(config.max_connections, config.header_timeout)
+        server, loop = self._runner.server, asyncio.get_running_loop()
+
+        def connection() -> Connection:
+            return Connection(server, limits, loop=loop, access_log=None,
+                              keepalive_timeout=config.keepalive_timeout, read_bufsize=RECEIVE_BUFFER)
+
         # A backlog like uvicorn's: a burst of clients connecting at once must not have its
         # connects dropped (each drop costs the client a one-second SYN retry).
-        self._site = web.TCPSite(self._runner, config.host, config.port, backlog=2048)
         try:
-            await self._site.start()
+            self._listener = await loop.create_server(connection, config.host, config.port,
+                                                      backlog=2048, reuse_address=True)
         except OSError:
             await self._close_clients()
             raise
-        self.port = self._runner.addresses[0][1]
+        for sock in self._listener.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        self.port = self._listener.sockets[0].getsockname()[1]
         self._tasks = [asyncio.create_task(self.notifier.keep_watchdog_fed())]
         if self.coordinator is not None:
             await self.coordinator.serve(self.supervisor, self.url)
@@ -115,7 +128,7 @@ class Autosleepd:
         self._log.info("shutting_down", in_flight=self.supervisor.admission.in_flight,
                        queued=self.supervisor.admission.queued)
         self.notifier.stopping()
-        await self._site.stop()                 # no new connections
+        self._listener.close()                  # no new connections
         self.supervisor.close()                 # held requests get 503, new ones too
         drained = await self.supervisor.wait_drained(self.config.shutdown_timeout)
         if not drained:

@@ -38,7 +38,7 @@ def test_everything_can_be_set():
         "AUTOSLEEPD_UPSTREAM": "http://vllm:8000/", "AUTOSLEEPD_HOST": "127.0.0.1",
         "AUTOSLEEPD_PORT": "9000", "AUTOSLEEPD_IDLE_TIMEOUT": "0", "AUTOSLEEPD_SLEEP_LEVEL": "2",
         "AUTOSLEEPD_WAKE_TIMEOUT": "30s", "AUTOSLEEPD_MAX_QUEUE": "5",
-        "AUTOSLEEPD_ADMIN_TOKEN": "s3cret", "AUTOSLEEPD_LOG_LEVEL": "DEBUG",
+        "AUTOSLEEPD_ADMIN_TOKEN": "9f86d081884c7d659a2feaa0c55ad015", "AUTOSLEEPD_LOG_LEVEL": "DEBUG",
         "AUTOSLEEPD_LOG_FORMAT": "json", "AUTOSLEEPD_LOG_REQUESTS": "yes",
         "AUTOSLEEPD_PASSIVE_PATHS": "/tokenize, /detokenize", "AUTOSLEEPD_BLOCKED_PATHS": "/v1/embeddings",
         "AUTOSLEEPD_MAX_BODY_SIZE": "10MiB",
@@ -60,8 +60,11 @@ def test_everything_can_be_set():
     ("AUTOSLEEPD_UPSTREAM", "localhost:8000"), ("AUTOSLEEPD_UPSTREAM", "ftp://x"),
     ("AUTOSLEEPD_UPSTREAM", "http://host:port"), ("AUTOSLEEPD_LOG_LEVEL", "loud"),
     ("AUTOSLEEPD_LOG_FORMAT", "xml"), ("AUTOSLEEPD_LOG_REQUESTS", "maybe"),
-    ("AUTOSLEEPD_ADMIN_TOKEN", "has space"), ("AUTOSLEEPD_PASSIVE_PATHS", "health"),
+    ("AUTOSLEEPD_PASSIVE_PATHS", "health"),
     ("AUTOSLEEPD_PASSIVE_PATHS", "/sleep"), ("AUTOSLEEPD_MAX_BODY_SIZE", "lots"),
+    ("AUTOSLEEPD_PASSIVE_PATHS", "/tokenize,/v1/completions"),
+    ("AUTOSLEEPD_PASSIVE_PATHS", "/v1/embeddings/"), ("AUTOSLEEPD_MAX_CONNECTIONS", "0"),
+    ("AUTOSLEEPD_TRUSTED_PROXIES", "10.0.0.0/33"), ("AUTOSLEEPD_KEEPALIVE_TIMEOUT", "0"),
 ])
 def test_a_bad_value_names_the_variable_and_the_value(name, value):
     with pytest.raises(ConfigError) as error:
@@ -74,10 +77,14 @@ def test_a_bad_value_names_the_variable_and_the_value(name, value):
 @pytest.mark.parametrize("name, value", [("AUTOSLEEPD_IDLE_TIMEOUT", "soon"),
                                          ("AUTOSLEEPD_SLEEP_LEVEL", "7"),
                                          ("AUTOSLEEPD_KEEP_AWAKE", "Mon-Fri 9 to 5"),
-                                         ("AUTOSLEEPD_LADDER", "2h:1,5m:2")])
+                                         ("AUTOSLEEPD_LADDER", "2h:1,5m:2"),
+                                         ("AUTOSLEEPD_UPSTREAM", "http://[::1"),
+                                         ("AUTOSLEEPD_HOST", "not a host!"),
+                                         ("AUTOSLEEPD_PORT", "\u0668\u0660\u0668\u0660"),
+                                         ("AUTOSLEEPD_COORDINATION_DIR", "/etc/hostname/shared")])
 def test_autosleepd_exits_2_with_one_line_naming_the_variable_before_listening(name, value):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
-    env.update({name: value, "AUTOSLEEPD_PORT": "1"})   # port 1: listening would fail differently
+    env.update({"AUTOSLEEPD_PORT": "1", name: value})   # port 1: listening would fail differently
     result = subprocess.run([sys.executable, "-m", "autosleepd"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2
@@ -180,3 +187,32 @@ def test_a_malformed_recycle_limit_names_the_variable(name, value):
     with pytest.raises(ConfigError) as error:
         Config.from_env({name: value, "AUTOSLEEPD_ENGINE_RESTART_COMMAND": "true"})
     assert error.value.name == name and repr(value) in str(error.value)
+
+
+@pytest.mark.parametrize("name, value, secret, hint", [
+    ("AUTOSLEEPD_ADMIN_TOKEN", "change-me", "change-me", "openssl rand -hex 32"),
+    ("AUTOSLEEPD_ADMIN_TOKEN", "tooShort12345", "tooShort12345", "openssl rand -hex 32"),
+    ("AUTOSLEEPD_ADMIN_TOKEN", "REPLACE-with-openssl-rand-hex-32", "REPLACE", "openssl rand -hex 32"),
+    ("AUTOSLEEPD_UPSTREAM", "http://user:hunter2@vllm:8000", "hunter2", "AUTOSLEEPD_UPSTREAM_API_KEY"),
+])
+def test_secrets_and_placeholders_are_refused_without_being_echoed(name, value, secret, hint):
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({name: value})
+    assert error.value.name == name and hint in str(error.value)
+    assert secret not in str(error.value)
+
+
+def test_a_random_admin_token_and_trusted_fronts_are_accepted():
+    config = Config.from_env({"AUTOSLEEPD_ADMIN_TOKEN": "3f1c9a7be0d24c65a8f0e7b19d2c4a56",
+                              "AUTOSLEEPD_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7, ::1",
+                              "AUTOSLEEPD_PORT": " 8081 "})
+    assert config.admin_token == "3f1c9a7be0d24c65a8f0e7b19d2c4a56" and config.port == 8081
+    assert len(config.trusted_proxies) == 3
+
+
+def test_unknown_variables_are_found_with_their_closest_name():
+    from autosleepd.config import unknown_variables
+    env = {"AUTOSLEEPD_IDLE_TIMOUT": "10s", "AUTOSLEEPD_NOTHING_LIKE_IT": "1",
+           "AUTOSLEEPD_PORT": "1", "AUTOSLEEPD_URL": "http://x", "PATH": "/bin"}
+    assert unknown_variables(env) == [("AUTOSLEEPD_IDLE_TIMOUT", "AUTOSLEEPD_IDLE_TIMEOUT"),
+                                      ("AUTOSLEEPD_NOTHING_LIKE_IT", None)]

@@ -390,3 +390,39 @@ def test_every_refusal_reason_has_one_http_answer():
     from autosleepd.control.supervisor import Refused
     from autosleepd.proxy.errors import REFUSALS
     assert set(REFUSALS) == set(Refused.REASONS)
+
+
+async def test_an_engine_slept_behind_our_back_is_found_by_the_stalled_request_and_woken(make_sim, make_proxy, http):
+    sim = await make_sim(wake_seconds=0.2)
+    server = await make_proxy(sim.url)   # believes the engine awake; the next probe is 30 s away
+    async with http.post(sim.url + "/sleep?level=1&mode=wait") as response:   # an operator's curl
+        assert response.status == 200
+    status, body = await asyncio.wait_for(post_completion(http, server.url, "stuck"), 10)
+    assert status == 200 and body["choices"][0]["text"] == expected_text("stuck", 4)
+    await server.supervisor.wait_for(State.AWAKE, timeout=5)   # the answer can beat the last check
+    assert server.supervisor.status().stats.wakes == 1 and sim.stats.calls["/wake_up"] == 1
+    assert server.supervisor.admission.in_flight == 0
+
+
+async def test_an_engine_already_asleep_never_gets_a_second_sleep(make_sim, make_proxy, http):
+    sim = await make_sim()
+    server = await make_proxy(sim.url, idle_timeout=0.2)
+    assert (await post_completion(http, server.url))[0] == 200
+    async with http.post(sim.url + "/sleep?level=1&mode=wait") as response:
+        assert response.status == 200
+    await server.supervisor.wait_for(State.ASLEEP, timeout=5)   # the idle timer read it first
+    assert sim.stats.calls["/sleep"] == 1 and "sleep_while_asleep" not in sim.stats.violations
+    assert (await post_completion(http, server.url))[0] == 200
+
+
+async def test_a_failed_sleep_says_so_in_status_and_transitions(make_sim, make_proxy, http):
+    sim = await make_sim()
+    server = await make_proxy(sim.url)
+    sim.fail_next("/sleep")
+    async with http.post(server.url + "/autosleepd/sleep") as response:
+        assert response.status == 409 and "sleep failed" in (await response.json())["error"]["message"]
+    async with http.get(server.url + "/autosleepd/metrics") as response:
+        text = await response.text()
+    assert 'autosleepd_transitions_total{from_state="falling_asleep",to_state="awake"} 1.0' in text
+    assert "autosleepd_sleep_failures_total 1.0" in text
+    assert server.supervisor.status().to_json()["sleep_failures"] == 1

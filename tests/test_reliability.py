@@ -286,3 +286,40 @@ async def test_soak_20_cycles_10000_requests_nothing_lost_nothing_left_behind(ru
     growth = rss[-1] - rss[1]
     assert growth < 16 * 2**20, f"autosleepd grew {growth / 2**20:.1f} MiB between cycle 2 and 20"
     assert daemon.process.returncode is None
+
+
+async def test_hostile_soak_idle_floods_slowloris_held_bodies_and_scanners_leave_nothing_behind(
+        running, http):
+    sim, daemon = await running("--wake", "300ms", AUTOSLEEPD_HEADER_TIMEOUT="500ms",
+                                AUTOSLEEPD_KEEPALIVE_TIMEOUT="1s")
+    process = psutil.Process(daemon.process.pid)
+    start_rss = process.memory_info().rss
+    async with http.post(daemon.url + "/autosleepd/sleep") as response:
+        assert response.status == 200
+    idle, slow = [], []
+    for _ in range(300):   # a flood of connections that never send a request
+        idle.append(await asyncio.open_connection("127.0.0.1", daemon.port))
+    for _ in range(50):    # slowloris: headers begun, never finished
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        slow.append((reader, writer))
+    for path in ("/", "/favicon.ico", "/robots.txt", "/.env", "/wp-login.php", "/.git/config"):
+        async with http.get(daemon.url + path) as response:   # scanners
+            assert response.status == 404
+    async with http.post(daemon.url + "/%73leep") as response:
+        assert response.status == 403
+    assert (await sim.stats(http))["calls"].get("/wake_up", 0) == 0
+    prompts = [f"large {i} " + "z" * 500_000 for i in range(40)]   # held while the engine wakes
+    results = await asyncio.gather(*(post_completion(http, daemon.url, prompt, 2) for prompt in prompts))
+    assert [body["choices"][0]["text"] for _, body in results] == [expected_text(p, 2) for p in prompts]
+    for reader, writer in idle + slow:   # autosleepd closes every one of them
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    stats = await sim.stats(http)
+    assert stats["violation_total"] == 0 and stats["calls"]["/wake_up"] == 1
+    async with http.get(daemon.url + "/autosleepd/status") as response:
+        status = await response.json()
+    assert status["in_flight"] == 0 and status["queued"] == 0
+    growth = process.memory_info().rss - start_rss
+    assert growth < 40 * 2**20, f"autosleepd grew {growth / 2**20:.1f} MiB"
+    assert daemon.process.returncode is None

@@ -8,8 +8,10 @@ import os
 import resource
 import sys
 
+import structlog
+
 from .. import __version__, log
-from ..config import Config, ConfigError, parse_duration, parse_size
+from ..config import Config, ConfigError, parse_duration, parse_size, unknown_variables
 from ..server import Autosleepd
 from . import remote
 
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autosleepd: {error}", file=sys.stderr)
         return 2
     log.configure(config.log_level, config.log_format)
+    for name, closest in unknown_variables(os.environ):
+        structlog.get_logger("autosleepd").warning(
+            "unknown_variable", name=name, did_you_mean=closest,
+            hint="autosleepd reads no such variable; it has no effect")
     with asyncio.Runner(loop_factory=_loop_factory(config.event_loop)) as runner:
         if command == "demo":
             return runner.run(demo(config, tour=not args.no_tour))

@@ -84,8 +84,9 @@ class Admin:
                                   "AUTOSLEEPD_ADMIN_TOKEN is unset", "forbidden", "not_loopback")
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                              self._token.encode()):
+        # surrogateescape: header bytes that are not UTF-8 compare (unequal) instead of raising
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode("utf-8", "surrogateescape"), self._token.encode()):
             return None
         response = error_response(401, "manual control needs Authorization: Bearer "
                                   "<AUTOSLEEPD_ADMIN_TOKEN>", "unauthorized", "bad_token")

@@ -6,6 +6,9 @@ a passive path is forwarded in any state, and work is forwarded once the supervi
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import ipaddress
 import time
 
 import aiohttp
@@ -21,10 +24,15 @@ from .routes import Classifier
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
+# Expect is answered here, on release: the engine gets the body at once.
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+# Connecting failed for want of something on this host, not because the engine is down.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                           errno.EADDRNOTAVAIL})
 # A body of known length up to this size goes in one piece, so headers and body leave in one
 # write (half the syscalls of a small completion); longer bodies and streams are streamed.
 WHOLE_BODY_LIMIT = 64 * 1024
+STALL_AFTER = 1.0   # seconds without response headers before the engine's state is read
 
 
 def _forward_headers(headers, extra_hop: frozenset[str]) -> CIMultiDict:
@@ -52,6 +60,7 @@ class Proxy:
         self._log = structlog.get_logger("autosleepd.proxy")
         self.observer = None   # metrics: .request(kind, status)
         self.classify = Classifier(config.blocked_paths, config.passive_paths)
+        self._trusted = config.trusted_proxies
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -67,7 +76,7 @@ class Proxy:
             await self._session.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        kind = self.classify(request.path)
+        kind = self.classify(request.path, request.method, request.body_exists)
         started = time.monotonic() if self.config.log_requests else 0.0
         response = await self._handle(request, kind)
         if self.observer is not None:
@@ -95,14 +104,22 @@ class Proxy:
         return await self._forward_work(request)
 
     async def _forward_work(self, request: web.Request) -> web.StreamResponse:
+        # A body still arriving waits in the client's socket while the request is held, not
+        # here: reading resumes (and Expect: 100-continue is answered) once it is admitted.
+        paused = request.body_exists and not request.content.is_eof()
+        if paused:
+            request.protocol.pause_reading()
         until = None   # set at the first failed connect: every retry shares one deadline
         while True:
             try:
                 await self.supervisor.admit(until=until)
             except Refused as refused:
                 return refusal_response(refused.reason, refused.message, refused.retry_after)
+            if paused:
+                request.protocol.resume_reading()
+                paused = False
             try:
-                return await self._forward(request)
+                return await self._forward(request, work=True)
             except _NotConnected as failure:
                 # Nothing reached the engine, so the request is held again until it is back.
                 self.supervisor.engine_unreachable(str(failure))
@@ -125,28 +142,64 @@ class Proxy:
         response.force_close()   # the rest of the body is not read
         return response
 
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
-        assert self._session is not None
+    def _proxy_headers(self, request: web.Request) -> CIMultiDict:
+        """The client's end-to-end headers, and where the request came from (as nginx adds)."""
         headers = _forward_headers(request.headers, _connection_tokens(request.headers))
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
-        headers["X-Forwarded-For"] = request.remote or ""
-        headers["X-Forwarded-Proto"] = request.scheme
-        if request.host:
-            headers["X-Forwarded-Host"] = request.host
+        remote = request.remote or ""
+        headers["X-Forwarded-For"] = ", ".join(request.headers.getall("X-Forwarded-For", [])
+                                               + [remote])
+        if not self._is_trusted(remote) or "X-Forwarded-Proto" not in headers:
+            headers["X-Forwarded-Proto"] = request.scheme
+        if not self._is_trusted(remote) or "X-Forwarded-Host" not in headers:
+            headers.popall("X-Forwarded-Host", None)
+            if request.host:
+                headers["X-Forwarded-Host"] = request.host
+        return headers
+
+    def _is_trusted(self, remote: str) -> bool:
+        """A front named in AUTOSLEEPD_TRUSTED_PROXIES: its X-Forwarded-Proto/-Host are kept."""
+        try:
+            address = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    async def _forward(self, request: web.Request, work: bool = False) -> web.StreamResponse:
+        assert self._session is not None
+        headers = self._proxy_headers(request)
+        if (request.version >= (1, 1) and not request.get(_CONTINUED)
+                and request.headers.get("Expect", "").lower() == "100-continue"):
+            request[_CONTINUED] = True
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0   # the answer proper has not started
         data, limit = await self._request_body(request)
+        # path and query only: an absolute-form target (POST http://x/... HTTP/1.1) names us
+        target = self.config.upstream + request.rel_url.raw_path_qs
+        # Work with no answer after STALL_AFTER may have reached an engine slept behind our back
+        # (it then hangs for ever): the supervisor probes. A long plain completion stalls too,
+        # so a stall only asks the question.
+        stall = asyncio.get_running_loop().call_later(STALL_AFTER, self.supervisor.stalled) if work else None
         try:
             upstream = await self._session.request(
-                request.method, self.config.upstream + request.raw_path, headers=headers,
+                request.method, target, headers=headers,
                 data=data, allow_redirects=False, compress=None)
         except aiohttp.ClientConnectorError as error:
+            if getattr(error.os_error, "errno", None) in _LOCAL_ERRNOS:
+                self._log.warning("local_resources_exhausted", path=request.path,
+                                  error=error.os_error.strerror)
+                return error_response(503, "autosleepd is short of local resources (file "
+                                      f"descriptors or ports): {error.os_error.strerror}",
+                                      "service_unavailable", "proxy_overloaded", 1)
             raise _NotConnected(error) from None
         except (aiohttp.ClientError, TimeoutError) as error:
             if limit is not None and limit.exceeded:
                 return self._too_large(f"the request body is over the limit of {limit.limit} bytes")
-            self._log.warning("upstream_failed", path=request.path, error=repr(error))
-            return error_response(502, f"the engine failed before answering: {error!r}",
-                                  "bad_gateway", "upstream_failed")
+            return self._upstream_failed(request, "failed before answering", error)
+        finally:
+            if stall is not None:
+                stall.cancel()
         async with upstream:
             headers = _forward_headers(upstream.headers, _connection_tokens(upstream.headers))
             length = upstream.content_length
@@ -154,9 +207,7 @@ class Proxy:
                 try:
                     body = await upstream.read()
                 except (aiohttp.ClientError, TimeoutError) as error:
-                    self._log.warning("upstream_broke_mid_response", path=request.path, error=repr(error))
-                    return error_response(502, f"the engine broke off its answer: {error!r}",
-                                          "bad_gateway", "upstream_failed")
+                    return self._upstream_failed(request, "broke off its answer", error)
                 return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                                     headers=headers)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
@@ -171,7 +222,7 @@ class Proxy:
                     # The engine broke off mid-answer: end the client's connection without the
                     # final chunk, so it sees an error rather than a clean but truncated end.
                     self._log.warning("upstream_broke_mid_response", path=request.path,
-                                      error=repr(error))
+                                      error=type(error).__name__)
                     if request.transport is not None:
                         request.transport.abort()
                     return response
@@ -180,6 +231,13 @@ class Proxy:
                 await response.write(chunk)
             await response.write_eof()
             return response
+
+    def _upstream_failed(self, request: web.Request, what: str, error: Exception) -> web.Response:
+        # The class only: an aiohttp error's text can carry the request line and headers.
+        name = type(error).__name__
+        self._log.warning("upstream_failed", path=request.path, what=what, error=name)
+        return error_response(502, f"the engine {what} ({name})", "bad_gateway",
+                              "upstream_failed", 5)
 
     async def _request_body(self, request: web.Request) -> tuple[object, "_BodyLimit | None"]:
         """The body to send upstream: small ones whole (read once, so a retry can resend them),
@@ -209,6 +267,15 @@ class _BodyLimit:
                 self.exceeded = True
                 raise ValueError("request body over the limit")
             yield chunk
+
+
+_CONTINUED = web.RequestKey("continued", bool)   # 100 Continue sent for this request
+
+
+async def defer_continue(request: web.Request) -> None:
+    """The route's Expect handler: 100 Continue waits until the request is forwarded."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="the only expectation understood is 100-continue")
 
 
 class _NotConnected(Exception):

@@ -23,6 +23,20 @@ PASSIVE_PATHS = frozenset({
 })
 
 
+# Paths that run the model: never passive, whatever AUTOSLEEPD_PASSIVE_PATHS says.
+INFERENCE_PATHS = frozenset({
+    "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses",
+    "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/messages", "/v1/score",
+    "/v1/rerank", "/v2/rerank", "/rerank", "/score", "/pooling", "/classify", "/invocations",
+    "/generate", "/inference/v1/generate",
+})
+
+# Methods that carry no work to the engine: vLLM runs no inference on them. Without a body,
+# they are passive on any path, so a load balancer probing / can neither wake the engine nor
+# keep it awake; while it sleeps, vLLM answers them (404, 405 or the page) without the engine.
+PASSIVE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def normalize_path(path: str) -> str:
     """The form a path is classified in: no repeated or trailing slashes, no dot segments.
 
@@ -42,7 +56,7 @@ def normalize_path(path: str) -> str:
 
 
 class Classifier:
-    """``classify(path)`` -> "blocked", "passive" or "work", cached per raw path."""
+    """``classify(path, method, has_body)`` -> "blocked", "passive" or "work"."""
 
     CACHE_SIZE = 4096   # the paths clients use are few; scanners may send many more
 
@@ -51,7 +65,14 @@ class Classifier:
         self._passive = passive
         self._kinds: dict[str, str] = {}
 
-    def __call__(self, path: str) -> str:
+    def __call__(self, path: str, method: str, has_body: bool) -> str:
+        kind = self._path_kind(path)
+        if kind == "work" and method in PASSIVE_METHODS and not has_body:
+            return "passive"
+        return kind
+
+    def _path_kind(self, path: str) -> str:
+        """By path alone, cached per raw path."""
         kind = self._kinds.get(path)
         if kind is None:
             normal = normalize_path(path)
