@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import structlog
 
-from .states import Event as E, State
+from .states import Event, State
 from .status import Planned
 
 _log = structlog.get_logger("autosleepd.supervisor")
@@ -16,26 +16,26 @@ _log = structlog.get_logger("autosleepd.supervisor")
 
 async def carry_out(owner, planned: Planned) -> None:
     """``owner`` is the Supervisor; ``planned`` is due."""
-    order = E(planned.order)
-    if order is E.IDLE:
+    order = Event(planned.order)
+    if order is Event.IDLE:
         await owner.sleep(planned.level, order)
         return
-    if order in (E.LADDER, E.RECYCLE):   # both need the GPU room of a full engine
+    if order in (Event.LADDER, Event.RECYCLE):   # both need the GPU room of a full engine
         why = await _no_room(owner)
         if why is not None:
             _done(owner, planned, False)
-            _log.warning("ladder_step_skipped" if order is E.LADDER else "recycle_skipped",
+            _log.warning("ladder_step_skipped" if order is Event.LADDER else "recycle_skipped",
                          to_level=planned.level, reason=why)
             return
-    _log.info("prewake" if order in (E.SCHEDULE, E.PREWAKE) else order.value, reason=planned.reason)
-    if order is E.RECYCLE:
+    _log.info("prewake" if order in (Event.SCHEDULE, Event.PREWAKE) else order.value, reason=planned.reason)
+    if order is Event.RECYCLE:
         _done(owner, planned, True)
-        await owner.run_restart(E.RECYCLE)
+        await owner.run_restart(Event.RECYCLE)
         return
-    await owner.wake(order, restarts_idle=order is not E.LADDER)   # a ladder keeps idle time
-    if order is E.LADDER and owner.state is State.AWAKE and owner.admission.idle:
-        await owner.sleep(planned.level, E.LADDER)
-    _done(owner, planned, owner.state is (State.ASLEEP if order is E.LADDER else State.AWAKE))
+    await owner.wake(order, restarts_idle=order is not Event.LADDER)   # a ladder keeps idle time
+    if order is Event.LADDER and owner.state is State.AWAKE and owner.admission.idle:
+        await owner.sleep(planned.level, Event.LADDER)
+    _done(owner, planned, owner.state is (State.ASLEEP if order is Event.LADDER else State.AWAKE))
 
 
 def _done(owner, planned: Planned, carried_out: bool) -> None:

@@ -79,48 +79,47 @@ class Event(str, enum.Enum):
         return "manual" if self in (Event.MANUAL_SLEEP, Event.MANUAL_WAKE) else self.value
 
 
-S, E = State, Event
-SLEEP_ORDERS = (E.IDLE, E.MANUAL_SLEEP, E.EVICTION, E.LADDER)
-WAKE_ORDERS = (E.REQUEST, E.STUCK, E.MANUAL_WAKE, E.SCHEDULE, E.PREWAKE, E.LADDER)
+SLEEP_ORDERS = (Event.IDLE, Event.MANUAL_SLEEP, Event.EVICTION, Event.LADDER)
+WAKE_ORDERS = (Event.REQUEST, Event.STUCK, Event.MANUAL_WAKE, Event.SCHEDULE, Event.PREWAKE, Event.LADDER)
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     # starting: hold everything until the engine has been read once
-    (S.STARTING, E.FOUND_AWAKE): S.AWAKE,
-    (S.STARTING, E.FOUND_ASLEEP): S.ASLEEP,
-    (S.STARTING, E.PROBE_FAILED): S.STARTING,
+    (State.STARTING, Event.FOUND_AWAKE): State.AWAKE,
+    (State.STARTING, Event.FOUND_ASLEEP): State.ASLEEP,
+    (State.STARTING, Event.PROBE_FAILED): State.STARTING,
     # awake
-    **{(S.AWAKE, order): S.FALLING_ASLEEP for order in SLEEP_ORDERS},
-    (S.AWAKE, E.FOUND_AWAKE): S.AWAKE,
-    (S.AWAKE, E.FOUND_ASLEEP): S.ASLEEP,        # slept behind our back
-    (S.AWAKE, E.PROBE_FAILED): S.UNAVAILABLE,
-    (S.AWAKE, E.CHECK_FAILED): S.BROKEN,
+    **{(State.AWAKE, order): State.FALLING_ASLEEP for order in SLEEP_ORDERS},
+    (State.AWAKE, Event.FOUND_AWAKE): State.AWAKE,
+    (State.AWAKE, Event.FOUND_ASLEEP): State.ASLEEP,        # slept behind our back
+    (State.AWAKE, Event.PROBE_FAILED): State.UNAVAILABLE,
+    (State.AWAKE, Event.CHECK_FAILED): State.BROKEN,
     # falling asleep: the sleep procedure reports
-    (S.FALLING_ASLEEP, E.SLEPT): S.ASLEEP,
-    (S.FALLING_ASLEEP, E.FOUND_ASLEEP): S.ASLEEP,   # read right before /sleep: already asleep
-    (S.FALLING_ASLEEP, E.SLEEP_FAILED): S.AWAKE,
-    (S.FALLING_ASLEEP, E.DRAIN_TIMEOUT): S.AWAKE,
-    (S.FALLING_ASLEEP, E.PROBE_FAILED): S.UNAVAILABLE,
+    (State.FALLING_ASLEEP, Event.SLEPT): State.ASLEEP,
+    (State.FALLING_ASLEEP, Event.FOUND_ASLEEP): State.ASLEEP,   # read right before /sleep: already asleep
+    (State.FALLING_ASLEEP, Event.SLEEP_FAILED): State.AWAKE,
+    (State.FALLING_ASLEEP, Event.DRAIN_TIMEOUT): State.AWAKE,
+    (State.FALLING_ASLEEP, Event.PROBE_FAILED): State.UNAVAILABLE,
     # asleep
-    **{(S.ASLEEP, order): S.WAKING for order in WAKE_ORDERS},
-    (S.ASLEEP, E.FOUND_ASLEEP): S.ASLEEP,
-    (S.ASLEEP, E.FOUND_AWAKE): S.AWAKE,          # woken behind our back
-    (S.ASLEEP, E.PROBE_FAILED): S.UNAVAILABLE,
-    (S.ASLEEP, E.RECYCLE): S.UNAVAILABLE,        # the restart command runs; a fresh engine follows
+    **{(State.ASLEEP, order): State.WAKING for order in WAKE_ORDERS},
+    (State.ASLEEP, Event.FOUND_ASLEEP): State.ASLEEP,
+    (State.ASLEEP, Event.FOUND_AWAKE): State.AWAKE,          # woken behind our back
+    (State.ASLEEP, Event.PROBE_FAILED): State.UNAVAILABLE,
+    (State.ASLEEP, Event.RECYCLE): State.UNAVAILABLE,        # restarting; a fresh engine follows
     # waking: the wake procedure reports
-    (S.WAKING, E.WOKE): S.AWAKE,
-    (S.WAKING, E.FOUND_AWAKE): S.AWAKE,          # a wake call failed, yet the engine is awake
-    (S.WAKING, E.WAKE_ABANDONED): S.ASLEEP,
-    (S.WAKING, E.NO_GPU_MEMORY): S.ASLEEP,
-    (S.WAKING, E.WAKE_FAILED): S.BROKEN,
-    (S.WAKING, E.PROBE_FAILED): S.UNAVAILABLE,
+    (State.WAKING, Event.WOKE): State.AWAKE,
+    (State.WAKING, Event.FOUND_AWAKE): State.AWAKE,          # a wake call failed, yet the engine is awake
+    (State.WAKING, Event.WAKE_ABANDONED): State.ASLEEP,
+    (State.WAKING, Event.NO_GPU_MEMORY): State.ASLEEP,
+    (State.WAKING, Event.WAKE_FAILED): State.BROKEN,
+    (State.WAKING, Event.PROBE_FAILED): State.UNAVAILABLE,
     # unavailable: only a probe moves it
-    (S.UNAVAILABLE, E.FOUND_AWAKE): S.AWAKE,
-    (S.UNAVAILABLE, E.FOUND_ASLEEP): S.ASLEEP,
-    (S.UNAVAILABLE, E.PROBE_FAILED): S.UNAVAILABLE,
+    (State.UNAVAILABLE, Event.FOUND_AWAKE): State.AWAKE,
+    (State.UNAVAILABLE, Event.FOUND_ASLEEP): State.ASLEEP,
+    (State.UNAVAILABLE, Event.PROBE_FAILED): State.UNAVAILABLE,
     # broken: only a restarted engine that answers awake and passes the check
-    (S.BROKEN, E.RECOVERED): S.AWAKE,
-    (S.BROKEN, E.PROBE_FAILED): S.BROKEN,
-    (S.BROKEN, E.FOUND_ASLEEP): S.BROKEN,        # still the zombie
+    (State.BROKEN, Event.RECOVERED): State.AWAKE,
+    (State.BROKEN, Event.PROBE_FAILED): State.BROKEN,
+    (State.BROKEN, Event.FOUND_ASLEEP): State.BROKEN,        # still the zombie
 }
 
 # Pairs that never reach the table. Orders are only given where they apply (the loop gives a
@@ -128,26 +127,26 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 # procedure that owns their transient state; a broken engine is not believed on a plain
 # probe (it must pass the check: RECOVERED); nothing else but the two procedures' outcomes and a
 # probe failure can happen while one of them runs.
-_ORDERS = set(SLEEP_ORDERS) | set(WAKE_ORDERS) | {E.RECYCLE}
-_SLEEP_OUTCOMES = {E.SLEPT, E.SLEEP_FAILED, E.DRAIN_TIMEOUT}
-_WAKE_OUTCOMES = {E.WOKE, E.WAKE_ABANDONED, E.NO_GPU_MEMORY, E.WAKE_FAILED}
+_ORDERS = set(SLEEP_ORDERS) | set(WAKE_ORDERS) | {Event.RECYCLE}
+_SLEEP_OUTCOMES = {Event.SLEPT, Event.SLEEP_FAILED, Event.DRAIN_TIMEOUT}
+_WAKE_OUTCOMES = {Event.WOKE, Event.WAKE_ABANDONED, Event.NO_GPU_MEMORY, Event.WAKE_FAILED}
 REFUSED: frozenset[tuple[State, Event]] = frozenset(
     (state, event) for state, event in itertools.product(State, Event)
     if (state, event) not in TRANSITIONS and (
         event in _ORDERS
-        or (event in _SLEEP_OUTCOMES and state is not S.FALLING_ASLEEP)
-        or (event in _WAKE_OUTCOMES and state is not S.WAKING)
-        or (event is E.CHECK_FAILED and state is not S.AWAKE)
-        or (event is E.RECOVERED and state is not S.BROKEN)
-        or (event is E.FOUND_AWAKE and state in (S.FALLING_ASLEEP, S.BROKEN))
-        or (event is E.FOUND_ASLEEP and state is S.WAKING)))
+        or (event in _SLEEP_OUTCOMES and state is not State.FALLING_ASLEEP)
+        or (event in _WAKE_OUTCOMES and state is not State.WAKING)
+        or (event is Event.CHECK_FAILED and state is not State.AWAKE)
+        or (event is Event.RECOVERED and state is not State.BROKEN)
+        or (event is Event.FOUND_AWAKE and state in (State.FALLING_ASLEEP, State.BROKEN))
+        or (event is Event.FOUND_ASLEEP and state is State.WAKING)))
 
 # Effects of entering a state, run by Supervisor._apply after the state has changed.
 ON_ENTER: dict[State, tuple[str, ...]] = {
-    S.AWAKE: ("release_held",),          # held work goes to the engine, in arrival order
-    S.ASLEEP: ("settle_sleep_order",),   # a manual sleep waiting for this answer gets it
-    S.BROKEN: ("plan_restart",),         # run the restart command at once, then with backoff
-    S.UNAVAILABLE: ("probe_soon",),      # re-read the engine quickly, then backing off
+    State.AWAKE: ("release_held",),          # held work goes to the engine, in arrival order
+    State.ASLEEP: ("settle_sleep_order",),   # a manual sleep waiting for this answer gets it
+    State.BROKEN: ("plan_restart",),         # run the restart command at once, then with backoff
+    State.UNAVAILABLE: ("probe_soon",),      # re-read the engine quickly, then backing off
 }
 
 

@@ -31,7 +31,6 @@ from .status import Stats, Status
 from .planned import carry_out
 from .wake import wake_engine
 
-E = Event
 RESTART_BACKOFF_MAX = 300.0   # re-running the restart command for an engine still broken
 
 
@@ -121,9 +120,9 @@ class Supervisor:
         kept = self.planners.keep_awake_until(self.status())
         if kept is not None:
             raise OrderFailed(f"kept awake: {kept[1]}")
-        await self.order_sleep(self.config.sleep_level, E.EVICTION)
+        await self.order_sleep(self.config.sleep_level, Event.EVICTION)
 
-    async def order_sleep(self, level: int, event: Event = E.MANUAL_SLEEP) -> None:
+    async def order_sleep(self, level: int, event: Event = Event.MANUAL_SLEEP) -> None:
         """Drain, then sleep at ``level``; returns once asleep. Raises ``OrderFailed``."""
         if not self.sleep_supported:
             raise OrderFailed("the engine has no sleep endpoints (is vLLM started with "
@@ -168,7 +167,8 @@ class Supervisor:
         """A snapshot of everything known; computing it changes nothing."""
         now, a, config = self.clock.now(), self.admission, self.config
         memory = self.guard.status() if self.guard is not None else None
-        residue = sum(memory["engine_asleep_bytes"].values()) if memory and memory["engine_asleep_bytes"] else None
+        asleep = memory["engine_asleep_bytes"] if memory else None
+        residue = sum(asleep.values()) if asleep else None
         learner = self._learner
         snapshot = Status(
             state=self.state, state_seconds=now - self._entered_at,
@@ -229,9 +229,10 @@ class Supervisor:
             return (self.prober.run, None) if now >= at else (None, at)
         if state is State.ASLEEP:
             if self.admission.in_flight:   # work reached it behind our back: wake it at once
-                return (lambda: self.wake(E.STUCK)), None
+                return (lambda: self.wake(Event.STUCK)), None
             if self.admission.waiting:
-                return (lambda: self.wake(E.REQUEST if self.admission.queued else E.MANUAL_WAKE)), None
+                why = Event.REQUEST if self.admission.queued else Event.MANUAL_WAKE
+                return (lambda: self.wake(why)), None
             if self._sleep_order is not None:
                 self._settle_order(None if self._sleep_order.level == self.asleep_level else
                                    OrderFailed(f"the engine sleeps at level {self.asleep_level}"))
@@ -242,8 +243,9 @@ class Supervisor:
             if self._sleep_order is not None:
                 order = self._sleep_order
                 return (lambda: self.sleep(order.level, order.event)), None
-        planned = self.planners.next(self.status())
-        if planned is not None and now >= planned.at:
+        snapshot = self.status()   # planners answer in its clock time: judge due by it too
+        planned = snapshot.next_transition
+        if planned is not None and snapshot.now >= planned.at:
             return (lambda: carry_out(self, planned)), None
         at = self.prober.next_probe
         if now >= at:
@@ -258,7 +260,7 @@ class Supervisor:
         if fresh and not self._recycled:
             self.admission.last_work_end = self.clock.now()   # the idle window starts now
         self._recycled = False   # a recycled engine goes back to sleep at once
-        self.apply(E.FOUND_AWAKE)
+        self.apply(Event.FOUND_AWAKE)
         if fresh:
             self.cycles = 0
             if self.guard is not None:
@@ -269,9 +271,9 @@ class Supervisor:
         """A broken engine recovers only by a restart: a fresh vLLM answers awake and serves."""
         if sleeping:
             self.restart_pending = True    # still the zombie
-            self.apply(E.FOUND_ASLEEP)
+            self.apply(Event.FOUND_ASLEEP)
             return
-        self.checker.reference = None      # a fresh engine: its own fingerprint
+        self.checker.reference = None      # a fresh engine: verify() records its fingerprint
         failure = await self.checker.verify()
         if failure is not None:
             self.restart_pending = True
@@ -281,8 +283,7 @@ class Supervisor:
         self.asleep_level = None
         self.cycles = 0
         self.admission.last_work_end = self.clock.now()
-        self.apply(E.RECOVERED)
-        await self.checker.record()
+        self.apply(Event.RECOVERED)
 
     async def sleep(self, level: int, event: Event) -> None:
         chosen, refused = level_for_host_ram(self.guard, level)
@@ -294,15 +295,15 @@ class Supervisor:
         self.apply(event, sleep_level=level)
         outcome = await fall_asleep(self, level)
         self.stats.record(outcome)
-        if outcome.event is E.SLEPT:
+        if outcome.event is Event.SLEPT:
             self.asleep_level = level
             self.cycles += 1
             self.tell("slept", level, event.reason, outcome.seconds)
             self._settle_order(None)   # at the level asked for, or the fallback the guard chose
-        elif outcome.event is E.FOUND_ASLEEP:
+        elif outcome.event is Event.FOUND_ASLEEP:
             self.asleep_level = await self.prober.level_found()
-        elif outcome.event in (E.SLEEP_FAILED, E.DRAIN_TIMEOUT):
-            if outcome.event is E.SLEEP_FAILED:
+        elif outcome.event in (Event.SLEEP_FAILED, Event.DRAIN_TIMEOUT):
+            if outcome.event is Event.SLEEP_FAILED:
                 self.tell("sleep_failed")
             self.admission.last_work_end = self.clock.now()   # try again after another window
             self._settle_order(OrderFailed(f"the sleep failed: {outcome.detail}"))
@@ -313,7 +314,7 @@ class Supervisor:
         self.apply(event, sleep_level=level)
         outcome = await wake_engine(self, level)
         self.stats.record(outcome)
-        if outcome.event in (E.WOKE, E.FOUND_AWAKE):
+        if outcome.event in (Event.WOKE, Event.FOUND_AWAKE):
             self.asleep_level = None
             if restarts_idle:
                 self.admission.last_work_end = self.clock.now()
@@ -325,17 +326,17 @@ class Supervisor:
             if failure is not None and self.state is State.AWAKE:
                 self.stats.check_failures += 1
                 self.stats.broken_reason = failure
-                self.apply(E.CHECK_FAILED, error=failure)
+                self.apply(Event.CHECK_FAILED, error=failure)
                 return
         if self.state is State.AWAKE and self.guard is not None:
             await self.guard.learn(awake=True)
 
     async def run_restart(self, event: Event | None = None) -> None:
         """The restart command: for a broken engine, or (``recycle``) for a drifting asleep one."""
-        if event is E.RECYCLE:
+        if event is Event.RECYCLE:
             self.stats.recycles += 1
             self._recycled = True
-            self.apply(E.RECYCLE)
+            self.apply(Event.RECYCLE)
         self.restart_pending = False
         self.stats.restarts += 1
         ok = await self._restart() if self._restart is not None else False
@@ -347,7 +348,7 @@ class Supervisor:
     def _apply_outcome(self, outcome: Outcome, order: Event) -> None:
         details = {"sleep_level": outcome.level}
         if outcome.detail is not None:
-            details["error" if outcome.event not in (E.WOKE, E.SLEPT) else "detail"] = outcome.detail
+            details["error" if outcome.event not in (Event.WOKE, Event.SLEPT) else "detail"] = outcome.detail
         if outcome.engine_seconds is not None:
             details["engine_wake_s"] = round(outcome.engine_seconds, 4)
         self.apply(outcome.event, order=order.reason, **details)
