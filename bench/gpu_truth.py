@@ -393,7 +393,7 @@ async def main_async(args) -> int:
                     measured = results["e"]["power_awake_idle_w"] is not None
                     results["e"]["pass"] = True if measured else None   # None: no nvidia-smi here
             if "c" in wanted:
-                run.start_engine("vllm", MODEL_DIR, 8000, 0.9, api_key=KEY, vllm_args=eager)
+                run.start_engine("vllm-api-key", MODEL_DIR, 8000, 0.9, api_key=KEY, vllm_args=eager)
                 results["cold_start_api_key_s"] = round(await wait_ok(http, VLLM + "/health", 420), 2)
                 await guarded(results, "c", part_c(run, http, args))
                 run.stop_all()

@@ -99,7 +99,9 @@ class EngineClient:
 
     async def start(self) -> None:
         # Control calls must never queue behind proxied traffic, so they have their own pool.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8))
+        # A fresh connection per call: control calls are rare, and a kept-alive one that vLLM's
+        # uvicorn closes after 5 s idle can fail the next call (seen on a wake after 5 s asleep).
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8, force_close=True))
 
     async def close(self) -> None:
         if self._session is not None:

@@ -32,6 +32,7 @@ _LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 # A body of known length up to this size goes in one piece, so headers and body leave in one
 # write (half the syscalls of a small completion); longer bodies and streams are streamed.
 WHOLE_BODY_LIMIT = 64 * 1024
+UPSTREAM_KEEPALIVE = 4.0   # seconds; vLLM's uvicorn closes idle connections after 5
 STALL_AFTER = 1.0   # seconds without response headers before the engine's state is read
 
 
@@ -64,7 +65,9 @@ class Proxy:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            # Idle upstream connections are dropped before uvicorn's 5 s keep-alive closes them,
+            # so a request never goes out on a connection the engine is closing.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             auto_decompress=False,               # bytes pass through exactly as vLLM sent them
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
