@@ -15,13 +15,13 @@ demo: $(VENV)/.installed   ## the simulator with autosleepd in front: a sleep an
 test: $(VENV)/.installed   ## the whole test suite
 	$(VENV)/bin/python -m pytest
 
-# More than 4 minutes (10 s per load cell, a 60 s idle measurement); `bench.py --quick` is about
-# one. `exec`: make's SIGTERM reaches bench.py itself, which stops what it started.
+# Over 4 minutes (10 s per load cell, a 60 s idle measurement); `bench.py --quick` is shorter.
+# `exec`: make's SIGTERM reaches bench.py itself, which stops everything it started.
 bench: $(VENV)/.installed  ## side-by-side benchmarks, over 4 minutes (needs wrk; nginx is compared when present)
 	$(VENV)/bin/python -m pip install -q -e '.[bench]'
 	exec $(VENV)/bin/python bench/bench.py
 
 # Not part of `make test`: needs root, Docker Engine and systemd-nspawn, and minutes. Each part
-# skips with a message where a piece is missing; see integration/README.md.
+# skips with a message where a piece is missing; the README's "Integration" says what ran.
 integration: $(VENV)/.installed  ## the shipped compose file and units under real Docker and systemd
 	exec ./integration/run

@@ -280,3 +280,41 @@ def test_the_service_monitor_selects_the_service_and_scrapes_the_metrics_path():
     endpoint = monitor["spec"]["endpoints"][0]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+
+
+def _histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Prometheus's histogram_quantile over cumulative (upper bound, count) buckets."""
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+def _wake_quantiles(seconds: float) -> tuple[float, float]:
+    """p50 and p95 as Prometheus computes them from the wake histogram, after 20 wakes."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from autosleepd.metrics import Metrics
+    metrics = Metrics()
+    for _ in range(20):
+        metrics.woke(1, "request", seconds)
+    family = next(f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+                  if f.name == "autosleepd_wake_duration_seconds")
+    buckets = [(float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket")]
+    return _histogram_quantile(0.5, buckets), _histogram_quantile(0.95, buckets)
+
+
+@pytest.mark.parametrize("seconds", [0.06, 0.64, 2.4, 13.9, 45.0, 301.0, 590.0])
+def test_the_dashboard_s_wake_quantiles_resolve_real_wake_times(seconds: float):
+    """From a small model's level-2 wake to a first sleep of a large one: within one bucket,
+    and buckets are at most 1.5x apart."""
+    for estimate in _wake_quantiles(seconds):
+        assert seconds / 1.5 <= estimate <= seconds * 1.5, (seconds, estimate)
+
+
+def test_wakes_of_two_seconds_read_as_two_seconds():
+    p50, p95 = _wake_quantiles(2.0)
+    assert round(p50, 2) == 1.88 and round(p95, 2) == 1.99   # the README's example
