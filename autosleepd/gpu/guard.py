@@ -4,8 +4,8 @@ It learns what the engine holds on each GPU awake and asleep (from NVML's per-pr
 of the engine's process tree), so the next wake knows how much it will map; an explicit
 ``AUTOSLEEPD_WAKE_MEMORY`` overrides that. Where the engine's processes cannot be seen (another
 PID namespace, another user: a container, a systemd dynamic user), it learns from the whole
-device instead: how much used memory fell across its own sleeps and rose across its own wakes. It also checks host RAM before a level-1 sleep, which
-copies the weights into pinned CPU memory.
+device instead: how much used memory fell across its own sleeps and rose across its own wakes.
+It also checks host RAM before a level-1 sleep, which copies the weights into pinned CPU memory.
 
 It answers questions; the supervisor decides what to do with the answers.
 """
@@ -216,8 +216,9 @@ class MemoryGuard:
             return max(0, awake - holding)
         if awake is not None and self.config.wake_memory:
             return max(0, awake - self.learned.asleep.get(gpu.uuid, 0))
-        # Seen from the device: the larger of what the last sleep freed and the last wake mapped,
-        # since a neighbour's allocation during either makes it look smaller, never larger.
+        # Seen from the device: the larger of what the last sleep freed and the last wake mapped.
+        # Another process allocating during a sleep, or freeing during a wake, makes that one
+        # reading too small; taking the larger needs both to be spoiled to under-estimate.
         seen = [known[gpu.uuid] for known in (self.learned.freed, self.learned.mapped)
                 if gpu.uuid in known]
         if seen:
