@@ -9,7 +9,8 @@ skip() { say "SKIP: $*"; exit 77; }
 fail() { say "FAIL: $*"; exit 1; }
 need() { command -v "$1" >/dev/null || skip "$1 is not installed ($2)"; }
 
-# debootstrap NAME VARIANT ("" for Debian's default) PACKAGES, once; later runs reuse the root.
+# debootstrap NAME VARIANT ("" for Debian's default) PACKAGES into $CACHE/NAME, once; later
+# runs reuse it. Sets ROOTFS (not echoed: a failure here must end the script, not a subshell).
 debian_root() {
     local name=$1 variant=$2 include=$3 dir=$CACHE/$1
     if [ ! -x "$dir/usr/bin/python3" ]; then
@@ -22,15 +23,14 @@ debian_root() {
         rm -rf "$dir.tmp"/var/cache/apt/archives/*.deb "$dir.tmp"/var/lib/apt/lists/*
         mv "$dir.tmp" "$dir"
     fi
-    echo "$dir"
+    ROOTFS=$dir
 }
 
 # autosleepd and its dependencies as wheels (built here, where PyPI is reachable), for
-# installs inside a root or an image that cannot reach it.
+# installs inside a root or an image that cannot reach it. Sets WHEELS.
 wheelhouse() {
-    local dir=$CACHE/wheels
-    rm -rf "$dir" && mkdir -p "$dir"
+    WHEELS=$CACHE/wheels
+    rm -rf "$WHEELS" && mkdir -p "$WHEELS"
     "$VENV/bin/python" -m pip wheel -q --disable-pip-version-check "$ROOT_DIR" 'setuptools>=68' \
-        -w "$dir" >/dev/null 2>&1 || fail "pip wheel failed"
-    echo "$dir"
+        -w "$WHEELS" >/dev/null 2>&1 || fail "pip wheel failed"
 }

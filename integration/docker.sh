@@ -31,14 +31,14 @@ say "Docker Engine $(docker version -f '{{.Server.Version}}'), $("$COMPOSE" vers
 # A base image from Debian packages: nothing can be pulled here.
 BASE=autosleepd-it/debian-python:bookworm
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
-    root=$(debian_root base minbase python3,python3-venv)
-    tar -C "$root" -c . | docker import - "$BASE" >/dev/null
+    debian_root base minbase python3,python3-venv
+    tar -C "$ROOTFS" -c . | docker import - "$BASE" >/dev/null
 fi
 
 # The image, built from the Dockerfile with pip reading a local wheelhouse over loopback.
-wheels=$(wheelhouse)
+wheelhouse
 port=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$VENV/bin/python" -m http.server "$port" --bind 127.0.0.1 --directory "$wheels" >/dev/null 2>&1 &
+"$VENV/bin/python" -m http.server "$port" --bind 127.0.0.1 --directory "$WHEELS" >/dev/null 2>&1 &
 server_pid=$!
 cleanup+=("kill $server_pid")
 export IT_TAG=it

@@ -12,8 +12,9 @@ need systemd-nspawn "apt-get install systemd-container"
 need nsenter "apt-get install util-linux"
 [ "$(id -u)" = 0 ] || skip "systemd-nspawn needs root"
 
-base=$(debian_root systemd "" systemd,systemd-sysv,dbus,python3,python3-venv,curl)
-wheels=$(wheelhouse)
+debian_root systemd "" systemd,systemd-sysv,dbus,python3,python3-venv,curl
+base=$ROOTFS
+wheelhouse
 run=$CACHE/systemd-run
 cleanup=()
 # Undone in reverse order on any exit.
@@ -21,7 +22,7 @@ trap 'for ((i = ${#cleanup[@]} - 1; i >= 0; i--)); do eval "${cleanup[i]}" || tr
 
 # A fresh copy of the cached root each run, with autosleepd installed as the README shows.
 rm -rf "$run" && cp -a "$base" "$run"
-mkdir -p "$run/tmp/wheels" && cp "$wheels"/*.whl "$run/tmp/wheels/"
+mkdir -p "$run/tmp/wheels" && cp "$WHEELS"/*.whl "$run/tmp/wheels/"
 chroot "$run" env -i PATH=/usr/bin:/bin sh -c 'python3 -m venv /opt/autosleepd &&
     /opt/autosleepd/bin/pip install -q --no-index --find-links /tmp/wheels autosleepd' \
     || fail "installing autosleepd in the root failed"
