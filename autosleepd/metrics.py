@@ -20,8 +20,13 @@ from .control.supervisor import Observer, Refused, State
 disable_created_metrics()   # the *_created series only double the size of every scrape
 
 # Wakes of a small model take 0.1-0.8 s, of a large one 3-6 s; a level-2 reload 2-100 s.
-TRANSITION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
-HOLD_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+# Real wakes and sleeps take 50 ms (level 2 of a small model) to 10 minutes (a first level-1
+# sleep, a reload from a slow disk). Neighbouring edges are at most 1.5x apart, and 1.25x where
+# most wakes fall (0.5-5 s), so a quantile read from them is within a few tenths of the truth.
+TRANSITION_BUCKETS = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1, 1.25, 1.5, 1.75,
+                      2, 2.5, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600)
+HOLD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120,
+                300, 600)
 
 
 class Metrics(Observer):

@@ -344,6 +344,11 @@ def main() -> int:
         print("bench: wrk is required (apt-get install wrk)")
         return 1
     seconds, idle = (3, 5) if args.quick else (10, 60)
+    # SIGTERM and SIGHUP end the run like Ctrl-C: the finally below stops every child.
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, lambda number, _: sys.exit(128 + number))
+    print("bench: " + ("short runs" if args.quick else "over 4 minutes (10 s per load cell, "
+                       "60 s idle)") + f"; results in {RESULTS}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "platform": platform.platform()},

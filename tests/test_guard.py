@@ -143,6 +143,48 @@ async def test_a_broken_engine_is_restarted_with_backoff_and_held_work_served(ri
         assert response.status == 200
 
 
+# ----- the engine's processes hidden (a container without vLLM's PID namespace, a systemd
+# dynamic user): the guard learns from whole-GPU readings around its own sleeps and wakes -------
+
+async def test_with_the_engine_s_processes_hidden_the_guard_learns_from_the_device(rig, make_proxy, http):
+    sim = await rig.engine(awake=50, asleep=2)
+    server = await make_proxy(sim.url, gpu=rig.gpu, processes=SimProcesses(), wake_timeout=10)
+    await server.supervisor.order_sleep(1)
+    memory = server.supervisor.status().to_json()["memory"]
+    assert memory["attribution"] == "device" and memory["last_freed_bytes"] == {"GPU-sim-0": 48 * GiB}
+    rig.gpu.take(999, 60 * GiB)   # a job arrives while it sleeps: 18 GiB free
+    request = asyncio.create_task(post_completion(http, server.url, "hidden"))
+    await eventually(lambda: server.supervisor.status().to_json()["waiting_for_memory"] is not None)
+    waiting = server.supervisor.status().to_json()["waiting_for_memory"]
+    assert waiting["needed_bytes"] == 48 * GiB + GiB and waiting["free_bytes"] == 18 * GiB
+    assert sim.stats.calls["/wake_up"] == 0
+    rig.gpu.release_all(999)
+    status, body = await request
+    assert status == 200 and body["choices"][0]["text"] == expected_text("hidden", 4)
+    assert sim.stats.violations == {} and not sim.zombie
+    await eventually(lambda: server.supervisor.status().to_json()["memory"]["last_wake_mapped_bytes"]
+                     == {"GPU-sim-0": 48 * GiB})   # read once the wake's check is done
+
+
+async def test_a_neighbour_allocating_during_a_sleep_does_not_shrink_the_next_wake(rig, make_proxy, http):
+    """Seen from the device, a sleep during which another process allocates looks small; the
+    guard keeps what its last wake mapped, so the next wake still waits for the real amount."""
+    sim = await rig.engine(awake=50, asleep=2, sleep_seconds=0.5)
+    server = await make_proxy(sim.url, gpu=rig.gpu, processes=SimProcesses(), wake_timeout=0.5)
+    await server.supervisor.order_sleep(1)
+    assert (await post_completion(http, server.url))[0] == 200   # a wake that maps 48 GiB
+    sleeping = asyncio.create_task(server.supervisor.order_sleep(1))
+    await eventually(lambda: sim.stats.calls["/sleep"] == 2)
+    rig.gpu.take(999, 28 * GiB)   # while the engine sleeps
+    await sleeping
+    assert server.supervisor.status().to_json()["memory"]["last_freed_bytes"] == {"GPU-sim-0": 20 * GiB}
+    rig.gpu.take(999, 4 * GiB)    # 46 GiB free: enough for 20, not for 48
+    async with http.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}) as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "no_gpu_memory"
+    assert sim.stats.calls["/wake_up"] == 1 and not sim.zombie and sim.stats.violations == {}
+
+
 async def test_the_restart_command_runs_in_a_shell_and_its_failure_is_reported():
     assert await CommandRestarter("echo restarting vllm")() is True
     assert await CommandRestarter("echo cannot >&2; exit 3")() is False

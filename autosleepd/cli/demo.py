@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -30,10 +31,12 @@ def run_sim(args: argparse.Namespace) -> int:
             print(f"autosleepd sim: cannot listen on {args.host}:{args.port}: {error.strerror}",
                   file=sys.stderr)
             return 1
+        stop = asyncio.Event()   # SIGTERM (docker stop, systemctl stop) ends it cleanly, as vLLM
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await sim.start()
         print(f"vLLM simulator listening on {sim.url}", flush=True)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await sim.close()
         return 0

@@ -2,8 +2,10 @@
 
 It learns what the engine holds on each GPU awake and asleep (from NVML's per-process usage
 of the engine's process tree), so the next wake knows how much it will map; an explicit
-``AUTOSLEEPD_WAKE_MEMORY`` overrides that. It also checks host RAM before a level-1 sleep, which
-copies the weights into pinned CPU memory.
+``AUTOSLEEPD_WAKE_MEMORY`` overrides that. Where the engine's processes cannot be seen (another
+PID namespace, another user: a container, a systemd dynamic user), it learns from the whole
+device instead: how much used memory fell across its own sleeps and rose across its own wakes.
+It also checks host RAM before a level-1 sleep, which copies the weights into pinned CPU memory.
 
 It answers questions; the supervisor decides what to do with the answers.
 """
@@ -19,6 +21,7 @@ import structlog
 from ..config import Config
 from .readers import GiB, GpuMemory, GpuReader, GpuUnavailable, Processes, read_gpus
 
+NOISE = 256 * 2**20   # device-level changes smaller than this are not the engine's
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
 
@@ -52,6 +55,7 @@ class Learned:
     awake: dict[str, int] = field(default_factory=dict)    # GPU uuid -> engine bytes awake
     asleep: dict[str, int] = field(default_factory=dict)   # GPU uuid -> engine bytes asleep
     freed: dict[str, int] = field(default_factory=dict)    # GPU uuid -> bytes the last sleep freed
+    mapped: dict[str, int] = field(default_factory=dict)   # GPU uuid -> bytes the last wake mapped
     weights_host: int | None = None                        # host RAM a level-1 sleep took
 
 
@@ -63,6 +67,8 @@ class MemoryGuard:
         self._log = structlog.get_logger("autosleepd.guard")
         self.learned = Learned()
         self._used_before_sleep: dict[str, int] = {}
+        self._used_before_wake: dict[str, int] = {}   # device-level: the reading that let a wake go
+        self._attribution: str | None = None          # "process" or "device", once read
         self._rss_before_sleep: int | None = None
         self._pid_warned = False
         self._last_gpus: list[GpuMemory] = []
@@ -91,7 +97,9 @@ class MemoryGuard:
     async def read(self) -> tuple[list[GpuMemory], set[int]]:
         gpus = await read_gpus(self._gpu)
         self._last_gpus = gpus
-        return gpus, await asyncio.to_thread(self.engine_pids)
+        pids = await asyncio.to_thread(self.engine_pids)
+        self._attribution = "process" if pids else "device"
+        return gpus, pids
 
     def engine_gpus(self, gpus: list[GpuMemory], pids: set[int]) -> list[GpuMemory]:
         """The GPUs the engine uses: configured, else where its processes hold memory, else all."""
@@ -103,7 +111,9 @@ class MemoryGuard:
             mine = [g for g in gpus if any(pid in g.processes for pid in pids)]
             if mine:
                 return mine
-        known = set(self.learned.awake) | set(self.learned.freed)
+        learned = self.learned
+        known = set(learned.awake) | {uuid for uuid, amount in [*learned.freed.items(),
+                                                                 *learned.mapped.items()] if amount}
         return [g for g in gpus if g.uuid in known] or gpus
 
     @staticmethod
@@ -120,13 +130,24 @@ class MemoryGuard:
             gpus, pids = await self.read()
         except GpuUnavailable:
             return
+        if awake and not pids:
+            self._learn_wake(gpus)
+            return
         target = self.learned.awake if awake else self.learned.asleep
         for gpu in self.engine_gpus(gpus, pids):
             holding = self.engine_holding(gpu, pids)
             if holding:
                 target[gpu.uuid] = holding
 
+    def _learn_wake(self, gpus: list[GpuMemory]) -> None:
+        """Device-level: what the wake just done mapped is how much used memory rose across it."""
+        before, self._used_before_wake = self._used_before_wake, {}
+        for gpu in gpus:
+            if gpu.uuid in before and gpu.used - before[gpu.uuid] > NOISE:
+                self.learned.mapped[gpu.uuid] = gpu.used - before[gpu.uuid]
+
     async def before_sleep(self) -> None:
+        self._used_before_wake = {}
         try:
             gpus, pids = await self.read()
         except GpuUnavailable:
@@ -148,8 +169,9 @@ class MemoryGuard:
         for gpu in self.engine_gpus(gpus, pids):
             before = self._used_before_sleep.get(gpu.uuid)
             if before is not None:
-                self.learned.freed[gpu.uuid] = max(0, before - gpu.used)
-                freed_total += self.learned.freed[gpu.uuid]
+                freed = before - gpu.used
+                self.learned.freed[gpu.uuid] = max(0, freed) if pids or freed > NOISE else 0
+                freed_total += max(0, freed)
             holding = self.engine_holding(gpu, pids)
             if holding is not None:
                 self.learned.asleep[gpu.uuid] = holding
@@ -193,8 +215,13 @@ class MemoryGuard:
             return max(0, awake - holding)
         if awake is not None and self.config.wake_memory:
             return max(0, awake - self.learned.asleep.get(gpu.uuid, 0))
-        if gpu.uuid in self.learned.freed:
-            return self.learned.freed[gpu.uuid]
+        # Seen from the device: the larger of what the last sleep freed and the last wake mapped.
+        # Another process allocating during a sleep, or freeing during a wake, makes that one
+        # reading too small; taking the larger needs both to be spoiled to under-estimate.
+        seen = [known[gpu.uuid] for known in (self.learned.freed, self.learned.mapped)
+                if gpu.uuid in known]
+        if seen:
+            return max(seen)
         if awake is not None:
             return max(0, awake - self.learned.asleep.get(gpu.uuid, 0))
         return None
@@ -216,6 +243,8 @@ class MemoryGuard:
                 others = sorted(((pid, used) for pid, used in gpu.processes.items() if pid not in pids),
                                 key=lambda item: -item[1])
                 return Shortfall(gpu, needed, tuple(others))
+        if not pids:   # the wake goes now: what it maps shows in the next reading (learn)
+            self._used_before_wake = {g.uuid: g.used for g in gpus}
         return None
 
     def level_for_sleep(self, level: int) -> tuple[int | None, str | None]:
@@ -238,6 +267,10 @@ class MemoryGuard:
         learned = self.learned
         return {"gpus": [{"index": g.index, "uuid": g.uuid, "total_bytes": g.total,
                           "free_bytes": g.free} for g in self._last_gpus],
+                # "process": NVML's per-process usage of the engine's processes; "device": whole-GPU
+                # used memory around this sidecar's own sleeps and wakes (the processes are hidden).
+                "attribution": self._attribution,
+                "last_wake_mapped_bytes": learned.mapped,
                 "wake_memory_override_bytes": self.config.wake_memory or None,
                 "engine_awake_bytes": learned.awake, "engine_asleep_bytes": learned.asleep,
                 "last_freed_bytes": learned.freed, "weights_host_bytes": learned.weights_host}

@@ -425,6 +425,7 @@ class SimulatedEngine:
                 return await self._stream(request, response, prompt, max_tokens)
             text = await self._generate(prompt, max_tokens)
             answer = _completion_body(request.path, self.settings.model, text, "length")
+            answer["usage"] = _usage(prompt, max_tokens)   # as vLLM: some clients need it
             return web.json_response(_with_logprobs(answer, body, text))
         except asyncio.CancelledError:
             if task not in self._aborted:
@@ -452,6 +453,10 @@ class SimulatedEngine:
                       max_tokens: int) -> web.StreamResponse:
         text = expected_text(prompt, max_tokens) if self.weights_valid else " !!" * max_tokens
         words = text.split(" ")[1:]
+        if request.path.endswith("/chat/completions"):   # vLLM's first chat delta: the role
+            first = _completion_body(request.path, self.settings.model, "", None, delta=True)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            await response.write(b"data: " + json.dumps(first).encode() + b"\n\n")
         for i, word in enumerate(words):
             if self.settings.token_seconds:
                 await asyncio.sleep(self.settings.token_seconds)
@@ -491,7 +496,7 @@ def _parse_completion(path: str, body: dict) -> tuple[str, int, bool]:
         prompt = body["prompt"]
         if isinstance(prompt, list):
             prompt = " ".join(map(str, prompt))
-    max_tokens = int(body.get("max_tokens", 16))
+    max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
     if max_tokens < 1:
         raise ValueError("max_tokens must be at least 1")
     return str(prompt), max_tokens, bool(body.get("stream", False))
@@ -523,6 +528,12 @@ def _with_logprobs(answer: dict, request: dict, text: str) -> dict:
     choice["logprobs"] = {"tokens": tokens, "token_logprobs": [-0.01] * len(words),
                           "top_logprobs": [{t: -0.01} for t in tokens], "text_offset": offsets}
     return answer
+
+
+def _usage(prompt: str, max_tokens: int) -> dict:
+    prompt_tokens = len(prompt.split())
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens,
+            "total_tokens": prompt_tokens + max_tokens}
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
