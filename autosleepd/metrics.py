@@ -163,8 +163,6 @@ class _LiveCollector:
         for name, key, text in (
                 ("autosleepd_engine_memory_awake_bytes", "engine_awake_bytes",
                  "GPU memory the engine holds awake, as learned, per GPU."),
-                ("autosleepd_engine_memory_asleep_bytes", "engine_asleep_bytes",
-                 "GPU memory the engine holds asleep, as learned, per GPU."),
                 ("autosleepd_asleep_residual_bytes", "engine_asleep_bytes",
                  "GPU memory the engine kept at its last sleep, per GPU (its growth is drift).")):
             family = GaugeMetricFamily(name, text, labels=["gpu"])

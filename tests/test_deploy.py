@@ -206,9 +206,7 @@ async def test_the_dashboard_and_the_alert_rules_use_only_metrics_autosleepd_exp
             for name in re.findall(r"\bautosleepd_\w+", target["expr"])}
     assert used and used <= exported, used - exported
     rules = set(re.findall(r"\bautosleepd_\w+", (ROOT / "deploy/prometheus/autosleepd-alerts.yml").read_text()))
-    # The residual-memory metric comes with the status rework (another change); the drift
-    # rule is written against its agreed name.
-    assert rules - {"autosleepd_asleep_residual_bytes"} <= exported, rules - exported
+    assert rules <= exported, rules - exported
 
 
 def _pod() -> tuple[dict, dict, dict]:
