@@ -24,6 +24,7 @@ from .control.engine import EngineClient
 from .control.restart import CommandRestarter
 from .control.supervisor import Restarter, Supervisor
 from .gpu.guard import MemoryGuard
+from .heap import HeapTrimmer
 from .gpu.neighbours import Coordinator
 from .gpu.readers import GpuReader, HostProcesses, Processes, open_nvml
 from .metrics import Metrics
@@ -78,6 +79,7 @@ class Autosleepd:
         self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock(),
                                      observers=(self.metrics, self.notifier), guard=guard,
                                      neighbours=self.coordinator, restart=restart, learner=learner)
+        self.supervisor.add_observer(HeapTrimmer(lambda: self.supervisor.admission.idle))
         self.metrics.watch(self.supervisor.status,
                            self.coordinator.status if self.coordinator is not None else None)
         self.proxy = Proxy(config, self.supervisor)
