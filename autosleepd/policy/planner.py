@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 
 class Planner:
+    wants_arrivals = False   # observe("arrived") on work after idle: costs the proxy a snapshot
+
     def plan(self, status: Status) -> Planned | None:
         return None
 
@@ -40,8 +42,7 @@ class Planners:
 
     def __init__(self, planners: list[Planner]):
         self.all = planners
-        # Only planners that learn from arrivals make the proxy's path pay for a snapshot.
-        self.learn_from_arrivals = any(type(p).observe is not Planner.observe for p in planners)
+        self.learn_from_arrivals = any(p.wants_arrivals for p in planners)
 
     def next(self, status: Status) -> Planned | None:
         """The earliest plan; a sleep waits while any planner keeps the engine awake."""
@@ -60,7 +61,8 @@ class Planners:
 
     def observe(self, event: str, status: Status) -> None:
         for planner in self.all:
-            planner.observe(event, status)
+            if event != "arrived" or planner.wants_arrivals:
+                planner.observe(event, status)
 
     def done(self, planned: Planned, carried_out: bool, status: Status) -> None:
         for planner in self.all:

@@ -122,6 +122,8 @@ STALE_PLAN = 600.0   # a pre-wake this late (the host was suspended, the clock j
 class PrewakePlanner(Planner):
     """Wake ahead of the usual return of traffic; judge each pre-wake used or wasted."""
 
+    wants_arrivals = True
+
     def __init__(self, learner: PrewakeLearner, idle_timeout: float):
         self.learner = learner
         self._idle_timeout = idle_timeout

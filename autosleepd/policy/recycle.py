@@ -29,8 +29,6 @@ class RecyclePlanner(Planner):
         self._born: float | None = None          # clock time the engine was first seen up
 
     def plan(self, status: Status) -> Planned | None:
-        if self._born is None:
-            self._born = status.now
         if status.state.value != "asleep" or status.queued or status.in_flight:
             return None
         residue = status.residual_bytes
@@ -41,7 +39,7 @@ class RecyclePlanner(Planner):
                            f"{(residue - self._first_residue) / GiB:.2f} GiB more than at its first sleep")
         if self._cycles and status.cycles >= self._cycles:
             return Planned(status.now, "recycle", f"recycle: {status.cycles} sleep cycles")
-        if self._age:
+        if self._age and self._born is not None:
             return Planned(self._born + self._age, "recycle",
                            f"recycle: the engine has run {self._age:g}s")
         return None
@@ -49,6 +47,6 @@ class RecyclePlanner(Planner):
     def observe(self, event: str, status: Status) -> None:
         if event == "slept" and self._first_residue is None:
             self._first_residue = status.residual_bytes
-        elif event in ("recycle", "recovered"):   # a fresh engine: start counting again
-            self._first_residue = None
+        elif event in ("recycle", "recovered") or (event in ("found_awake", "found_asleep") and self._born is None):
+            self._first_residue = None   # a fresh engine: start counting again
             self._born = status.now
