@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..clock import Clock
+from .states import State
+from .status import Status
 
 
 class HoldExpired(Exception):
@@ -96,3 +98,22 @@ class Admission:
         for future in list(self._held):
             if not future.done():
                 future.set_exception(error)
+
+
+def why_expired(status: Status, wake_timeout: float,
+                memory_wait: str | None) -> tuple[str, str, float | None]:
+    """The refusal a held request gets at its deadline: (reason, message, Retry-After or None)."""
+    if memory_wait is not None:
+        return ("no_gpu_memory", "not enough GPU memory to wake the engine within "
+                f"{wake_timeout:g}s: {memory_wait}", None)
+    if status.state is State.BROKEN:
+        return ("engine_broken", "the engine is broken (a wake failed: "
+                f"{status.stats.broken_reason}); it needs a restart", None)
+    if status.state in (State.STARTING, State.UNAVAILABLE):
+        return "engine_unavailable", f"the engine did not answer within {wake_timeout:g}s", None
+    # Retry-After from what the wake is expected to take still (the last one's duration).
+    expected, left = status.stats.last_wake_seconds, None
+    if status.state is State.WAKING and expected is not None:
+        left = max(1.0, expected - status.state_seconds)
+    return ("wake_timeout", f"the engine did not wake within {wake_timeout:g}s "
+            f"(state: {status.state.value}); the wake goes on", left)

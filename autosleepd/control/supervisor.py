@@ -20,7 +20,7 @@ import structlog
 from ..clock import Clock
 from ..config import Config
 from ..policy.planner import build_planners
-from .admission import Admission, HoldExpired
+from .admission import Admission, HoldExpired, why_expired
 from .check import Checker
 from .engine import EngineError
 from .interfaces import Engine, Observer, OrderFailed, Refused, Restarter
@@ -423,23 +423,8 @@ class Supervisor:
 
     def _expired(self) -> Refused:
         """Why a held request's deadline passed, as the refusal it gets."""
-        config = self.config
-        if self.memory_wait is not None:
-            return self._refuse("no_gpu_memory", "not enough GPU memory to wake the engine within "
-                                f"{config.wake_timeout:g}s: {self.memory_wait['text']}")
-        if self.state is State.BROKEN:
-            return self._refuse("engine_broken", "the engine is broken (a wake failed: "
-                                f"{self.stats.broken_reason}); it needs a restart")
-        if self.state in (State.STARTING, State.UNAVAILABLE):
-            return self._refuse("engine_unavailable", f"the engine did not answer within "
-                                f"{config.wake_timeout:g}s")
-        # Retry-After from what the wake is expected to take still (the last one's duration).
-        expected = self.stats.last_wake_seconds
-        left = None
-        if self.state is State.WAKING and expected is not None:
-            left = max(1.0, expected - (self.clock.now() - self._entered_at))
-        return self._refuse("wake_timeout", f"the engine did not wake within {config.wake_timeout:g}s "
-                            f"(state: {self.state.value}); the wake goes on", retry_after=left)
+        text = self.memory_wait["text"] if self.memory_wait is not None else None
+        return self._refuse(*why_expired(self.status(), self.config.wake_timeout, text))
 
     def _refuse(self, reason: str, message: str, retry_after: float | None = None) -> Refused:
         self.tell("refused_request", reason)
