@@ -14,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from autosleepd.control.supervisor import State
+from autosleepd.proxy.relay import UploadSlots
 from autosleepd.sim import expected_text
 
 from .conftest import completion, eventually, post_completion
@@ -77,6 +78,35 @@ async def test_held_large_bodies_are_all_delivered_whole_after_one_wake(make_sim
         assert response.status == 200
         assert (await response.json())["choices"][0]["text"] == expected_text(prompt, 2)
     assert sim.stats.calls["/wake_up"] == 1 and sim.stats.violations == {}
+
+
+async def test_a_stalled_held_upload_does_not_hold_up_the_bodies_released_after_it(
+        make_sim, make_proxy, http):
+    sim = await make_sim(wake_seconds=1.0)
+    server = await make_proxy(sim.url)
+    server.proxy.uploads = UploadSlots(1, patience=0.2)
+    await sleep_now(server)
+    head = b'{"model": "sim-model", "max_tokens": 2, "prompt": "stalled '
+    stalled_body = head + b"z" * 200_000 + b'"}'
+    reader, writer = await raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(stalled_body)
+                               + stalled_body[:100_000])
+    await eventually(lambda: server.supervisor.status().queued == 1)
+    # The stalled client holds the only slot first; the next body goes once it gives way.
+    prompt = "next " + "y" * 200_000
+    following = asyncio.create_task(http.post(server.url + "/v1/completions",
+                                              json=completion(prompt, 2)))
+    await eventually(lambda: server.supervisor.status().queued == 2)
+    response = await asyncio.wait_for(following, 10)
+    assert response.status == 200
+    assert (await response.json())["choices"][0]["text"] == expected_text(prompt, 2)
+    writer.write(stalled_body[100_000:])
+    status, _, answer = await read_response(reader)
+    assert status == 200
+    assert json.loads(answer)["choices"][0]["text"] == expected_text("stalled " + "z" * 200_000, 2)
+    assert sim.stats.calls["/wake_up"] == 1 and sim.stats.violations == {}
+    writer.close()
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/"), ("GET", "/favicon.ico"), ("HEAD", "/"),

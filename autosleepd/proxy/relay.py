@@ -34,6 +34,10 @@ _LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 WHOLE_BODY_LIMIT = 64 * 1024
 UPSTREAM_KEEPALIVE = 4.0   # seconds; vLLM's uvicorn closes idle connections after 5
 STALL_AFTER = 1.0   # seconds without response headers before the engine's state is read
+# Bodies of released held requests that go upstream at once: a burst of 1,024 held 1 MiB bodies
+# released together buffered about 90 KiB each in flight (a 186 MiB peak); this bounds that.
+UPLOAD_SLOTS = 64
+UPLOAD_PATIENCE = 1.0   # seconds without a byte from its client before a slot is given back
 
 
 def _forward_headers(headers, extra_hop: frozenset[str]) -> CIMultiDict:
@@ -62,6 +66,7 @@ class Proxy:
         self.observer = None   # metrics: .request(kind, status)
         self.classify = Classifier(config.blocked_paths, config.passive_paths)
         self._trusted = config.trusted_proxies
+        self.uploads = UploadSlots(UPLOAD_SLOTS, UPLOAD_PATIENCE)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -118,17 +123,22 @@ class Proxy:
                 await self.supervisor.admit(until=until)
             except Refused as refused:
                 return refusal_response(refused.reason, refused.message, refused.retry_after)
-            if paused:
-                request.protocol.resume_reading()
-                paused = False
+            slot = None
             try:
-                return await self._forward(request, work=True)
+                if paused:
+                    if _streamed(request):
+                        slot = await self.uploads.take()
+                    request.protocol.resume_reading()
+                    paused = False
+                return await self._forward(request, work=True, slot=slot)
             except _NotConnected as failure:
                 # Nothing reached the engine, so the request is held again until it is back.
                 self.supervisor.engine_unreachable(str(failure))
                 if until is None:
                     until = self.supervisor.now() + self.config.wake_timeout
             finally:
+                if slot is not None:
+                    slot.give_back()
                 self.supervisor.release()
 
     def _body_too_large(self, request: web.Request) -> web.Response | None:
@@ -169,7 +179,8 @@ class Proxy:
             return False
         return any(address in network for network in self._trusted)
 
-    async def _forward(self, request: web.Request, work: bool = False) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, work: bool = False,
+                       slot: "_UploadSlot | None" = None) -> web.StreamResponse:
         assert self._session is not None
         headers = self._proxy_headers(request)
         if (request.version >= (1, 1) and not request.get(_CONTINUED)
@@ -178,6 +189,8 @@ class Proxy:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0   # the answer proper has not started
         data, limit = await self._request_body(request)
+        if slot is not None and data is not None:
+            data = slot.carry(request.content.iter_any() if data is request.content else data)
         # path and query only: an absolute-form target (POST http://x/... HTTP/1.1) names us
         target = self.config.upstream + request.rel_url.raw_path_qs
         # Work with no answer after STALL_AFTER may have reached an engine slept behind our back
@@ -247,12 +260,62 @@ class Proxy:
         the rest streamed and, when their length is unknown, counted against the limit."""
         if not request.body_exists:
             return None, None
-        if request.content_length is not None and request.content_length <= WHOLE_BODY_LIMIT:
+        if not _streamed(request):
             return await request.read(), None
         if not self.config.max_body_size or request.content_length is not None:
             return request.content, None
         limit = _BodyLimit(self.config.max_body_size)
         return limit.stream(request.content), limit
+
+
+def _streamed(request: web.Request) -> bool:
+    return request.content_length is None or request.content_length > WHOLE_BODY_LIMIT
+
+
+class UploadSlots:
+    """The few places for released held bodies to stream upstream, taken in arrival order."""
+
+    def __init__(self, count: int, patience: float):
+        self._free = asyncio.Semaphore(count)
+        self.patience = patience
+
+    async def take(self) -> "_UploadSlot":
+        await self._free.acquire()
+        slot = _UploadSlot(self)
+        slot.wait_for_bytes()
+        return slot
+
+
+class _UploadSlot:
+    """Given back when its body has gone, or when its client sends nothing for the slots'
+    patience: a slow client is cheap to carry and must not hold up the rest."""
+
+    def __init__(self, slots: UploadSlots):
+        self._slots: UploadSlots | None = slots
+        self._patience: asyncio.TimerHandle | None = None
+
+    def give_back(self) -> None:
+        if self._patience is not None:
+            self._patience.cancel()
+            self._patience = None
+        if self._slots is not None:
+            self._slots._free.release()
+            self._slots = None
+
+    def wait_for_bytes(self) -> None:
+        if self._slots is not None:
+            if self._patience is not None:
+                self._patience.cancel()
+            self._patience = asyncio.get_running_loop().call_later(self._slots.patience,
+                                                                   self.give_back)
+
+    async def carry(self, chunks):
+        try:
+            async for chunk in chunks:
+                self.wait_for_bytes()
+                yield chunk
+        finally:
+            self.give_back()
 
 
 class _BodyLimit:
