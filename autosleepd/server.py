@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import tempfile
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -30,11 +32,18 @@ from .gpu.readers import GpuReader, HostProcesses, Processes, open_nvml
 from .metrics import Metrics
 from .notify import SystemdNotifier
 from .policy.prewake import PrewakeLearner
-from .proxy.connections import Connection, Limits
-from .proxy.relay import Proxy, defer_continue
+from .proxy.relay import Relay
+from .proxy.upstream import Upstream
 
 
 RECEIVE_BUFFER = 16 * 1024
+
+
+@web.middleware
+async def _client_address(request: web.Request, handler):
+    """Only the relay reaches the own-endpoint socket, and it puts the client's address last."""
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    return await handler(request.clone(remote=forwarded.rpartition(",")[2].strip() or None))
 
 
 class Autosleepd:
@@ -82,31 +91,26 @@ class Autosleepd:
         self.supervisor.add_observer(HeapTrimmer(lambda: self.supervisor.admission.idle))
         self.metrics.watch(self.supervisor.status,
                            self.coordinator.status if self.coordinator is not None else None)
-        self.proxy = Proxy(config, self.supervisor)
-        self.proxy.observer = self.metrics
-        await self.proxy.start()
         self.admin = Admin(self.supervisor, config.admin_token, config.sleep_level, self._status)
-        app = web.Application()
+        # autosleepd's own endpoints: an aiohttp app on a private unix socket, reached through
+        # the relay like any upstream (so one parser and one set of connection rules face
+        # clients); the relay passes the client's address last in X-Forwarded-For.
+        app = web.Application(middlewares=[_client_address])
         app.router.add_get("/autosleepd/metrics", self.metrics.handle)
         app.add_routes(self.admin.routes())
-        app.router.add_route("*", "/{path:.*}", self.proxy.handle, expect_handler=defer_continue)
-        # handler_cancellation: a client that goes away cancels its handler, which takes it out
-        # of the queue or closes its upstream request (so vLLM aborts the generation).
-        # shutdown_timeout: our own drain has already waited; this only lets the handlers of
-        # answered requests finish writing.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
-        limits = Limits(config.max_connections, config.header_timeout)
-        server, loop = self._runner.server, asyncio.get_running_loop()
-
-        def connection() -> Connection:
-            return Connection(server, limits, loop=loop, access_log=None,
-                              keepalive_timeout=config.keepalive_timeout, read_bufsize=RECEIVE_BUFFER)
-
+        self._own_dir = tempfile.mkdtemp(prefix="autosleepd-")   # mode 0700: ours alone
+        own_socket = os.path.join(self._own_dir, "own.sock")
+        await web.UnixSite(self._runner, own_socket).start()
+        self.relay = Relay(config, self.supervisor, Upstream(unix_path=own_socket))
+        self.relay.observer = self.metrics
+        loop = asyncio.get_running_loop()
         # A backlog like uvicorn's: a burst of clients connecting at once must not have its
         # connects dropped (each drop costs the client a one-second SYN retry).
         try:
-            self._listener = await loop.create_server(connection, config.host, config.port,
+            self._listener = await loop.create_server(self.relay.protocol, config.host, config.port,
                                                       backlog=2048, reuse_address=True)
         except OSError:
             await self._close_clients()
@@ -141,7 +145,7 @@ class Autosleepd:
         await asyncio.gather(self._control, *self._tasks, return_exceptions=True)
         if self.coordinator is not None:
             await self.coordinator.close()
-        await self._runner.cleanup()
+        await self.relay.finish(timeout=1.0)   # answers in progress (passive ones) end
         await self._close_clients()
         self.notifier.close()
         self._log.info("stopped")
@@ -157,7 +161,8 @@ class Autosleepd:
         return self.config.instance or f"{self.config.host.replace(':', '_')}-{self.config.port}"
 
     async def _close_clients(self) -> None:
-        await self.proxy.close()
+        await self._runner.cleanup()
+        shutil.rmtree(self._own_dir, ignore_errors=True)
         await self.engine.close()
 
     async def serve_forever(self) -> int:

@@ -1,7 +1,12 @@
-"""The request path: classify, ask the supervisor, forward with bodies streamed both ways.
+"""The request path: classify, ask the gate, forward, with bodies streamed both ways.
 
-The proxy knows nothing about sleeping beyond ``admit``/``release``: a control path is refused,
-a passive path is forwarded in any state, and work is forwarded once the supervisor admits it.
+The relay knows nothing about sleeping beyond its gate (``admit``/``release``, see ``Gate``):
+a control path is refused, a passive path is forwarded in any state, and work is forwarded once
+the gate admits it. Requests for autosleepd's own endpoints (/autosleepd/...) go, through the
+same relay, to the aiohttp app that serves them on a private unix socket.
+
+One ``Exchange`` per request, and one task for it; bytes move in the protocols' callbacks, not
+through the task: an answer's body passes on as the engine's reads bring it, framing included.
 """
 
 from __future__ import annotations
@@ -10,266 +15,503 @@ import asyncio
 import errno
 import ipaddress
 import time
+from typing import Protocol
+from urllib.parse import unquote
 
-import aiohttp
+import httptools
 import structlog
-from aiohttp import web
-from multidict import CIMultiDict
 
 from ..config import Config
-from ..control.supervisor import Refused, Supervisor
-from .errors import error_response, refusal_response
+from ..control.supervisor import Refused
+from .client import ClientConnection
+from .connections import Limits
+from .errors import error_bytes, refusal
 from .routes import Classifier
+from .upstream import Upstream, UpstreamConnection
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
-# Expect is answered here, on release: the engine gets the body at once.
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+                        b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+# Host names the engine; Expect is answered here, on release; the length is set from the body.
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for",
+                               b"x-forwarded-proto", b"x-forwarded-host"}
 # Connecting failed for want of something on this host, not because the engine is down.
 _LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
                            errno.EADDRNOTAVAIL})
-# A body of known length up to this size goes in one piece, so headers and body leave in one
-# write (half the syscalls of a small completion); longer bodies and streams are streamed.
+# A held body of known length up to this size is not given an upload slot: it is small enough
+# to carry whole.
 WHOLE_BODY_LIMIT = 64 * 1024
-UPSTREAM_KEEPALIVE = 4.0   # seconds; vLLM's uvicorn closes idle connections after 5
 STALL_AFTER = 1.0   # seconds without response headers before the engine's state is read
 # Bodies of released held requests that go upstream at once: a burst of 1,024 held 1 MiB bodies
 # released together buffered about 90 KiB each in flight (a 186 MiB peak); this bounds that.
 UPLOAD_SLOTS = 64
 UPLOAD_PATIENCE = 1.0   # seconds without a byte from its client before a slot is given back
+OWN_PREFIX = b"/autosleepd/"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
-def _forward_headers(headers, extra_hop: frozenset[str]) -> CIMultiDict:
-    out = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower not in _NOT_FORWARDED and lower not in extra_hop:
-            out.add(name, value)
-    return out
+class Gate(Protocol):
+    """What admits work to one engine: the supervisor, or a stand-in for it in a worker process."""
+
+    async def admit(self, until: float | None = None) -> None: ...   # raises Refused
+    def release(self) -> None: ...
+    def stalled(self) -> None: ...
+    def engine_unreachable(self, detail: str) -> None: ...
+    def now(self) -> float: ...
 
 
-def _connection_tokens(headers) -> frozenset[str]:
-    """Headers named in Connection are hop-by-hop too."""
-    value = headers.get("Connection")
-    if not value:
-        return frozenset()
-    return frozenset(token.strip().lower() for token in value.split(","))
+class Target:
+    """Where a request goes: an upstream's connections, and the gate for work sent there (None:
+    autosleepd's own endpoints, which are never held)."""
+
+    __slots__ = ("upstream", "gate")
+
+    def __init__(self, upstream: Upstream, gate: Gate | None):
+        self.upstream = upstream
+        self.gate = gate
 
 
-class Proxy:
-    def __init__(self, config: Config, supervisor: Supervisor):
-        self.config = config
-        self.supervisor = supervisor
-        self._session: aiohttp.ClientSession | None = None
-        self._log = structlog.get_logger("autosleepd.proxy")
-        self.observer = None   # metrics: .request(kind, status)
-        self.classify = Classifier(config.blocked_paths, config.passive_paths)
-        self._trusted = config.trusted_proxies
-        self.uploads = UploadSlots(UPLOAD_SLOTS, UPLOAD_PATIENCE)
+class _NotConnected(Exception):
+    pass
 
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            # Idle upstream connections are dropped before uvicorn's 5 s keep-alive closes them,
-            # so a request never goes out on a connection the engine is closing.
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
-            auto_decompress=False,               # bytes pass through exactly as vLLM sent them
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+class _UpstreamFailed(Exception):
+    """The engine's answer failed before its head reached the client."""
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        kind = self.classify(request.path, request.method, request.body_exists)
-        started = time.monotonic() if self.config.log_requests else 0.0
-        response = await self._handle(request, kind)
-        if self.observer is not None:
-            self.observer.request(kind, response.status)
-        if self.config.log_requests:
-            self._log.info("request", method=request.method, path=request.path, kind=kind,
-                           status=response.status, seconds=round(time.monotonic() - started, 4))
-        return response
 
-    async def _handle(self, request: web.Request, kind: str) -> web.StreamResponse:
-        if kind == "blocked":
-            return error_response(403, f"{request.path} is a vLLM control endpoint; clients may "
-                                  "not call it through autosleepd (use /autosleepd/ instead)",
-                                  "forbidden", "blocked_path")
-        too_large = self._body_too_large(request)
-        if too_large is not None:
-            return too_large
-        if kind == "passive":
-            try:
-                return await self._forward(request)
-            except _NotConnected as failure:   # passive requests are never held: answer now
-                self.supervisor.engine_unreachable(str(failure))
-                return error_response(502, f"the engine at {self.config.upstream} is not "
-                                      "reachable", "bad_gateway", "engine_unavailable", 5)
-        return await self._forward_work(request)
+class _TooLarge(Exception):
+    pass
 
-    async def _forward_work(self, request: web.Request) -> web.StreamResponse:
-        # A body still arriving waits in the client's socket while the request is held, not
-        # here: reading resumes (and Expect: 100-continue is answered) once it is admitted.
-        paused = request.body_exists and not request.content.is_eof()
+
+class Exchange:
+    """One request and its answer. The client connection feeds the request in (head, body
+    chunks); the upstream connection feeds the answer in; the relay's task decides."""
+
+    __slots__ = ("client", "url", "headers", "method", "http10", "keep_alive", "length", "chunked",
+                 "expect", "host", "hop", "body", "body_done", "body_seen", "limit", "conn",
+                 "sending", "slot", "ended", "status", "head", "head_sent", "close_after",
+                 "framing", "stall", "task", "finished")
+
+    def __init__(self, client: ClientConnection, limit: int):
+        self.client = client
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []     # body bytes that arrived before the engine could take them
+        self.body_done = False
+        self.body_seen = 0
+        self.limit = limit              # AUTOSLEEPD_MAX_BODY_SIZE, 0: none
+        self.conn: UpstreamConnection | None = None
+        self.sending = False            # the head went upstream: body bytes follow it directly
+        self.slot = None
+        self.ended: asyncio.Future | None = None
+        self.status = 0
+        self.head: bytes | None = None  # the answer's head, written with the first body bytes
+        self.head_sent = False
+        self.close_after = False
+        self.framing = ""
+        self.stall: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
+        self.finished = False
+
+    # ----- the request, from the client connection ----------------------------------------------
+
+    def headers_complete(self, method: bytes, version: str, keep_alive: bool) -> None:
+        self.method = method
+        self.http10 = version == "1.0"
+        self.keep_alive = keep_alive
+        self.length = None
+        self.chunked = False
+        self.expect = None
+        self.host = None
+        self.hop = ()
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                self.length = int(value)   # llhttp has checked it is a number
+            elif lower == b"transfer-encoding":
+                self.chunked = b"chunked" in value.lower()
+            elif lower == b"expect":
+                self.expect = value.lower()
+            elif lower == b"host":
+                self.host = value
+            elif lower == b"connection":
+                self.hop = tuple(token.strip().lower() for token in value.split(b","))
+        if not self.chunked and not self.length:
+            self.body_done = True   # nothing to wait for; body_complete still comes
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.length)
+
+    def body_chunk(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.body_seen += len(data)
+        if self.limit and self.body_seen > self.limit:
+            self.too_large()
+            return
+        if self.slot is not None:
+            self.slot.wait_for_bytes()
+        if self.sending:
+            self.conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        else:
+            self.body.append(data)
+
+    def body_complete(self) -> None:
+        self.body_done = True
+        if self.slot is not None:
+            self.slot.give_back()
+            self.slot = None
+        if self.sending and self.chunked:
+            self.conn.write(_LAST_CHUNK)
+
+    def buffered_body(self) -> bytes:
+        """What came before the engine's connection, framed for it; later bytes go directly."""
+        chunks, self.body = self.body, []
+        if self.chunked:
+            data = b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in chunks)
+            return data + _LAST_CHUNK if self.body_done else data
+        return b"".join(chunks)
+
+    def too_large(self) -> None:
+        if self.ended is not None and not self.ended.done():
+            self.ended.set_exception(_TooLarge())
+        self.finished = True   # nothing more of this body is wanted
+        if self.task is not None and self.ended is None:
+            self.task.cancel()
+            self.task = None
+            self.client.write(_too_large_bytes(f"the request body is over the limit of {self.limit} bytes"))
+            self.close_after = True
+            self.client.close()
+
+    def client_gone(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def client_paused(self, paused: bool) -> None:
+        """The client reads slower than the engine writes: stop reading the engine."""
+        if self.conn is not None:
+            self.conn.pause_reading(paused)
+
+    # ----- the answer, from the upstream connection ------------------------------------------
+
+    def response_head(self, status: int, reason: bytes, headers: list, framing: str) -> bool:
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+        self.status = status
+        self.framing = framing
+        hop = ()
+        for name, value in headers:
+            if name.lower() == b"connection":
+                hop = tuple(token.strip().lower() for token in value.split(b","))
+        out = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        coding = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in hop:
+                if lower == b"transfer-encoding":
+                    coding = value
+                continue
+            out.append(b"%b: %b\r\n" % (name, value))
+        raw = True
+        if framing == "chunked":
+            if self.http10:   # no chunks for HTTP/1.0: the body goes decoded, ended by a close
+                raw, self.close_after = False, True
+            else:
+                out.append(b"Transfer-Encoding: %b\r\n" % coding)
+        elif framing == "close":
+            self.close_after = True
+        if self.close_after or not self.keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif self.http10:
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        self.head = b"".join(out)
+        return raw
+
+    def response_bytes(self, data: bytes) -> None:
+        if self.head is not None:
+            data, self.head = self.head + data, None
+            self.head_sent = True
+        self.client.write(data)
+
+    def response_flush(self) -> None:
+        if self.head is not None:
+            self.client.write(self.head)
+            self.head, self.head_sent = None, True
+
+    def response_end(self, reusable: bool) -> None:
+        self.response_flush()
+        conn, self.conn = self.conn, None
+        if reusable and self.body_done and self.sending:
+            conn.upstream.put_back(conn)
+        else:
+            conn.close()
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def upstream_lost(self, error: Exception | None) -> None:
+        self.conn = None
+        if self.ended is None or self.ended.done():
+            return
+        if self.framing == "close":   # such a body ends when the engine closes
+            self.response_flush()
+            self.ended.set_result(None)
+        else:
+            self.ended.set_exception(_UpstreamFailed(error))
+
+    def upstream_paused(self, paused: bool) -> None:
+        """The engine takes the body slower than the client sends it: stop reading the client."""
         if paused:
-            request.protocol.pause_reading()
-        until = None   # set at the first failed connect: every retry shares one deadline
-        while True:
-            try:
-                await self.supervisor.admit(until=until)
-            except Refused as refused:
-                return refusal_response(refused.reason, refused.message, refused.retry_after)
-            slot = None
-            try:
-                if paused:
-                    if _streamed(request):
-                        slot = await self.uploads.take()
-                    request.protocol.resume_reading()
-                    paused = False
-                return await self._forward(request, work=True, slot=slot)
-            except _NotConnected as failure:
-                # Nothing reached the engine, so the request is held again until it is back.
-                self.supervisor.engine_unreachable(str(failure))
-                if until is None:
-                    until = self.supervisor.now() + self.config.wake_timeout
-            finally:
-                if slot is not None:
-                    slot.give_back()
-                self.supervisor.release()
+            self.client.pause("upstream")
+        else:
+            self.client.resume("upstream")
 
-    def _body_too_large(self, request: web.Request) -> web.Response | None:
-        limit = self.config.max_body_size
-        if limit and request.content_length is not None and request.content_length > limit:
-            return self._too_large(f"the request body of {request.content_length} bytes is over "
-                                   f"the limit of {limit} bytes")
-        return None
 
-    @staticmethod
-    def _too_large(message: str) -> web.Response:
-        response = error_response(413, message + " (AUTOSLEEPD_MAX_BODY_SIZE)",
-                                  "invalid_request_error", "body_too_large")
-        response.force_close()   # the rest of the body is not read
-        return response
+def _too_large_bytes(message: str) -> bytes:
+    return error_bytes(413, message + " (AUTOSLEEPD_MAX_BODY_SIZE)", "invalid_request_error",
+                       "body_too_large", close=True)
 
-    def _proxy_headers(self, request: web.Request) -> CIMultiDict:
-        """The client's end-to-end headers, and where the request came from (as nginx adds)."""
-        headers = _forward_headers(request.headers, _connection_tokens(request.headers))
-        if request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
-        remote = request.remote or ""
-        headers["X-Forwarded-For"] = ", ".join(request.headers.getall("X-Forwarded-For", [])
-                                               + [remote])
-        if not self._is_trusted(remote) or "X-Forwarded-Proto" not in headers:
-            headers["X-Forwarded-Proto"] = request.scheme
-        if not self._is_trusted(remote) or "X-Forwarded-Host" not in headers:
-            headers.popall("X-Forwarded-Host", None)
-            if request.host:
-                headers["X-Forwarded-Host"] = request.host
-        return headers
 
-    def _is_trusted(self, remote: str) -> bool:
+class Relay:
+    def __init__(self, config: Config, gate: Gate, own: Upstream):
+        self.config = config
+        self.gate = gate
+        self.engine = Target(Upstream(config.upstream, connect_timeout=config.connect_timeout), gate)
+        self.own = Target(own, None)
+        self.classify = Classifier(config.blocked_paths, config.passive_paths)
+        self.uploads = UploadSlots(UPLOAD_SLOTS, UPLOAD_PATIENCE)
+        self.limits = Limits(config.max_connections, config.header_timeout)
+        self.connections: set[ClientConnection] = set()
+        self.observer = None   # metrics: .request(kind, status)
+        self._trusted = config.trusted_proxies
+        self._log = structlog.get_logger("autosleepd.proxy")
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def exchange(self, client: ClientConnection) -> Exchange:
+        return Exchange(client, self.config.max_body_size)
+
+    def is_trusted(self, remote: str) -> bool:
         """A front named in AUTOSLEEPD_TRUSTED_PROXIES: its X-Forwarded-Proto/-Host are kept."""
+        if not self._trusted:
+            return False
         try:
             address = ipaddress.ip_address(remote)
         except ValueError:
             return False
         return any(address in network for network in self._trusted)
 
-    async def _forward(self, request: web.Request, work: bool = False,
-                       slot: "_UploadSlot | None" = None) -> web.StreamResponse:
-        assert self._session is not None
-        headers = self._proxy_headers(request)
-        if (request.version >= (1, 1) and not request.get(_CONTINUED)
-                and request.headers.get("Expect", "").lower() == "100-continue"):
-            request[_CONTINUED] = True
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0   # the answer proper has not started
-        data, limit = await self._request_body(request)
-        if slot is not None and data is not None:
-            data = slot.carry(request.content.iter_any() if data is request.content else data)
-        # path and query only: an absolute-form target (POST http://x/... HTTP/1.1) names us
-        target = self.config.upstream + request.rel_url.raw_path_qs
-        # Work with no answer after STALL_AFTER may have reached an engine slept behind our back
-        # (it then hangs for ever): the supervisor probes. A long plain completion stalls too,
-        # so a stall only asks the question.
-        stall = asyncio.get_running_loop().call_later(STALL_AFTER, self.supervisor.stalled) if work else None
+    def target(self, exchange: Exchange) -> Target:
+        """The upstream for this request. Routing by model would choose among engines here."""
+        return self.own if exchange.url.startswith(OWN_PREFIX) else self.engine
+
+    def serve(self, exchange: Exchange) -> None:
+        exchange.task = asyncio.get_running_loop().create_task(self._serve(exchange))
+
+    async def finish(self, timeout: float) -> None:
+        """At shutdown, once work has drained: answers still in progress (passive ones) get
+        ``timeout`` to end, then every connection both ways is closed."""
+        answering = [task for client in self.connections if (task := client.serving()) is not None]
+        if answering:
+            await asyncio.wait(answering, timeout=timeout)
+        for client in list(self.connections):
+            client.close() if client.idle else client.abort()
+        self.engine.upstream.close()
+        self.own.upstream.close()
+
+    # ----- one request --------------------------------------------------------------------------
+
+    async def _serve(self, exchange: Exchange) -> None:
+        started = time.monotonic()
+        url = exchange.url
+        if not url.startswith(b"/") and url != b"*":
+            # path and query only: an absolute-form target (POST http://x/... HTTP/1.1) names us
+            parsed = httptools.parse_url(url)
+            exchange.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+        target = self.target(exchange)
+        path = exchange.url.split(b"?", 1)[0].decode("latin-1")
+        kind = "own" if target.gate is None else self.classify(
+            unquote(path) if "%" in path else path, exchange.method.decode(), exchange.has_body)
+        status = 0
         try:
-            upstream = await self._session.request(
-                request.method, target, headers=headers,
-                data=data, allow_redirects=False, compress=None)
-        except aiohttp.ClientConnectorError as error:
-            if getattr(error.os_error, "errno", None) in _LOCAL_ERRNOS:
-                self._log.warning("local_resources_exhausted", path=request.path,
-                                  error=error.os_error.strerror)
-                return error_response(503, "autosleepd is short of local resources (file "
-                                      f"descriptors or ports): {error.os_error.strerror}",
-                                      "service_unavailable", "proxy_overloaded", 1)
-            raise _NotConnected(error) from None
-        except (aiohttp.ClientError, TimeoutError) as error:
-            if limit is not None and limit.exceeded:
-                return self._too_large(f"the request body is over the limit of {limit.limit} bytes")
-            return self._upstream_failed(request, "failed before answering", error)
+            status = await self._answer(exchange, target, kind, path)
+        except asyncio.CancelledError:
+            status = 499   # the client went away
         finally:
-            if stall is not None:
-                stall.cancel()
-        async with upstream:
-            headers = _forward_headers(upstream.headers, _connection_tokens(upstream.headers))
-            length = upstream.content_length
-            if length is not None and length <= WHOLE_BODY_LIMIT and request.method != "HEAD":
-                try:
-                    body = await upstream.read()
-                except (aiohttp.ClientError, TimeoutError) as error:
-                    return self._upstream_failed(request, "broke off its answer", error)
-                return web.Response(status=upstream.status, reason=upstream.reason, body=body,
-                                    headers=headers)
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                          headers=headers)
-            if length is not None:
-                response.content_length = length
-            await response.prepare(request)
-            while True:
-                try:
-                    chunk = await upstream.content.readany()
-                except (aiohttp.ClientError, TimeoutError) as error:
-                    # The engine broke off mid-answer: end the client's connection without the
-                    # final chunk, so it sees an error rather than a clean but truncated end.
-                    self._log.warning("upstream_broke_mid_response", path=request.path,
-                                      error=type(error).__name__)
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response
-                if not chunk:
-                    break
-                await response.write(chunk)
-            await response.write_eof()
-            return response
+            exchange.finished = True
+            if exchange.conn is not None:   # the answer did not end: the engine must see it go
+                exchange.conn.abort()
+                exchange.conn = None
+            if exchange.slot is not None:
+                exchange.slot.give_back()
+                exchange.slot = None
+        if self.observer is not None and kind != "own" and status != 499:
+            self.observer.request(kind, status)
+        if self.config.log_requests:
+            self._log.info("request", method=exchange.method.decode(), path=path, kind=kind,
+                           status=status, seconds=round(time.monotonic() - started, 4))
+        exchange.client.finished(exchange, exchange.keep_alive and not exchange.close_after)
 
-    def _upstream_failed(self, request: web.Request, what: str, error: Exception) -> web.Response:
-        # The class only: an aiohttp error's text can carry the request line and headers.
-        name = type(error).__name__
-        self._log.warning("upstream_failed", path=request.path, what=what, error=name)
-        return error_response(502, f"the engine {what} ({name})", "bad_gateway",
-                              "upstream_failed", 5)
+    async def _answer(self, exchange: Exchange, target: Target, kind: str, path: str) -> int:
+        if kind == "blocked":
+            return self._error(exchange, 403, f"{path} is a vLLM control "
+                               "endpoint; clients may not call it through autosleepd (use "
+                               "/autosleepd/ instead)", "forbidden", "blocked_path")
+        limit = self.config.max_body_size
+        if limit and exchange.length is not None and exchange.length > limit:
+            exchange.close_after = True
+            exchange.client.write(_too_large_bytes(f"the request body of {exchange.length} bytes "
+                                                   f"is over the limit of {limit} bytes"))
+            return 413
+        if exchange.expect is not None and exchange.expect != b"100-continue":
+            exchange.close_after = True
+            return self._error(exchange, 417, "the only expectation understood is 100-continue",
+                               "invalid_request_error", "expectation_failed")
+        if kind != "work":
+            try:
+                return await self._forward(exchange, target, work=False)
+            except _NotConnected as failure:   # passive requests are never held: answer now
+                if target.gate is not None:
+                    target.gate.engine_unreachable(str(failure))
+                return self._error(exchange, 502, f"the engine at {self.config.upstream} is not "
+                                   "reachable", "bad_gateway", "engine_unavailable", 5)
+        return await self._forward_work(exchange, target)
 
-    async def _request_body(self, request: web.Request) -> tuple[object, "_BodyLimit | None"]:
-        """The body to send upstream: small ones whole (read once, so a retry can resend them),
-        the rest streamed and, when their length is unknown, counted against the limit."""
-        if not request.body_exists:
-            return None, None
-        if not _streamed(request):
-            return await request.read(), None
-        if not self.config.max_body_size or request.content_length is not None:
-            return request.content, None
-        limit = _BodyLimit(self.config.max_body_size)
-        return limit.stream(request.content), limit
+    async def _forward_work(self, exchange: Exchange, target: Target) -> int:
+        # A body still arriving waits in the client's socket while the request is held, not
+        # here: reading resumes (and Expect: 100-continue is answered) once it is admitted.
+        client, gate = exchange.client, target.gate
+        held = not exchange.body_done
+        if held:
+            client.pause("held")
+        until = None   # set at the first failed connect: every retry shares one deadline
+        while True:
+            try:
+                await gate.admit(until=until)
+            except Refused as refused:
+                status, kind, retry_after = refusal(refused.reason, refused.retry_after)
+                return self._error(exchange, status, refused.message, kind, refused.reason,
+                                   retry_after)
+            try:
+                if held:
+                    if exchange.length is None or exchange.length > WHOLE_BODY_LIMIT:
+                        exchange.slot = await self.uploads.take()
+                    client.resume("held")
+                    held = False
+                return await self._forward(exchange, target, work=True)
+            except _NotConnected as failure:
+                # Nothing reached the engine, so the request is held again until it is back.
+                gate.engine_unreachable(str(failure))
+                if until is None:
+                    until = gate.now() + self.config.wake_timeout
+            finally:
+                gate.release()
+
+    async def _forward(self, exchange: Exchange, target: Target, work: bool) -> int:
+        if (exchange.expect is not None and not exchange.body_done and not exchange.http10
+                and not exchange.body_seen):
+            exchange.client.write(_CONTINUE)
+            exchange.expect = None
+        upstream = target.upstream
+        try:
+            conn = await upstream.connection()
+        except (OSError, TimeoutError) as error:
+            if getattr(error, "errno", None) in _LOCAL_ERRNOS:
+                self._log.warning("local_resources_exhausted", path=_path(exchange),
+                                  error=error.strerror)
+                return self._error(exchange, 503, "autosleepd is short of local resources (file "
+                                   f"descriptors or ports): {error.strerror}",
+                                   "service_unavailable", "proxy_overloaded", 1)
+            raise _NotConnected(repr(error)) from None
+        loop = asyncio.get_running_loop()
+        exchange.conn = conn
+        exchange.ended = loop.create_future()
+        data = self._request_head(exchange, upstream, exchange.client) + exchange.buffered_body()
+        exchange.sending = True
+        conn.send(exchange, data, head_only=exchange.method == b"HEAD")
+        if work:
+            # Work with no answer after STALL_AFTER may have reached an engine slept behind our
+            # back (it then hangs for ever): the gate probes. A long plain completion stalls
+            # too, so a stall only asks the question.
+            exchange.stall = loop.call_later(STALL_AFTER, target.gate.stalled)
+        try:
+            await exchange.ended
+        except _TooLarge:
+            if exchange.head_sent:
+                exchange.client.abort()
+                return exchange.status
+            exchange.close_after = True
+            exchange.client.write(_too_large_bytes("the request body is over the limit of "
+                                                   f"{exchange.limit} bytes"))
+            return 413
+        except _UpstreamFailed as failed:
+            error = failed.args[0]
+            name = type(error).__name__ if error is not None else "ServerDisconnected"
+            if exchange.head_sent:
+                # The engine broke off mid-answer: end the client's connection without the
+                # final chunk, so it sees an error rather than a clean but truncated end.
+                self._log.warning("upstream_broke_mid_response", path=_path(exchange), error=name)
+                exchange.client.abort()
+                return exchange.status
+            # The class only: an error's text can carry the request line and headers.
+            self._log.warning("upstream_failed", path=_path(exchange),
+                              what="failed before answering", error=name)
+            exchange.close_after = True
+            return self._error(exchange, 502, f"the engine failed before answering ({name})",
+                               "bad_gateway", "upstream_failed", 5)
+        finally:
+            if exchange.stall is not None:
+                exchange.stall.cancel()
+                exchange.stall = None
+        return exchange.status
+
+    def _request_head(self, exchange: Exchange, upstream: Upstream, client: ClientConnection) -> bytes:
+        out = [b"%b %b%b HTTP/1.1\r\nHost: %b\r\n" % (exchange.method, upstream.prefix, exchange.url,
+                                                       upstream.host_header)]
+        forwarded_for, proto, host = [], None, None
+        hop = exchange.hop
+        for name, value in exchange.headers:
+            lower = name.lower()
+            if lower in _NOT_FORWARDED or lower in hop:
+                if lower == b"x-forwarded-for":
+                    forwarded_for.append(value)
+                elif lower == b"x-forwarded-proto" and proto is None:
+                    proto = value
+                elif lower == b"x-forwarded-host" and host is None:
+                    host = value
+                continue
+            out.append(b"%b: %b\r\n" % (name, value))
+        if exchange.chunked:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        elif exchange.length is not None:
+            out.append(b"Content-Length: %d\r\n" % exchange.length)
+        # Where the request came from, as nginx adds it; a trusted front's proto and host stay.
+        forwarded_for.append(client.remote.encode())
+        out.append(b"X-Forwarded-For: %b\r\n" % b", ".join(forwarded_for))
+        if not client.trusted or proto is None:
+            proto = b"http"
+        out.append(b"X-Forwarded-Proto: %b\r\n" % proto)
+        if not client.trusted or host is None:
+            host = exchange.host
+        if host is not None:
+            out.append(b"X-Forwarded-Host: %b\r\n" % host)
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    def _error(self, exchange: Exchange, status: int, message: str, kind: str, code: str,
+               retry_after: int | None = None) -> int:
+        close = exchange.close_after or not exchange.keep_alive or not exchange.body_done
+        exchange.close_after = close
+        exchange.client.write(error_bytes(status, message, kind, code, retry_after, close))
+        return status
 
 
-def _streamed(request: web.Request) -> bool:
-    return request.content_length is None or request.content_length > WHOLE_BODY_LIMIT
+def _path(exchange: Exchange) -> str:
+    return exchange.url.split(b"?", 1)[0].decode("latin-1")
 
 
 class UploadSlots:
@@ -308,41 +550,3 @@ class _UploadSlot:
                 self._patience.cancel()
             self._patience = asyncio.get_running_loop().call_later(self._slots.patience,
                                                                    self.give_back)
-
-    async def carry(self, chunks):
-        try:
-            async for chunk in chunks:
-                self.wait_for_bytes()
-                yield chunk
-        finally:
-            self.give_back()
-
-
-class _BodyLimit:
-    """Counts a chunked body as it streams; past the limit it stops the upstream request."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.exceeded = False
-
-    async def stream(self, content):
-        seen = 0
-        async for chunk in content.iter_any():
-            seen += len(chunk)
-            if seen > self.limit:
-                self.exceeded = True
-                raise ValueError("request body over the limit")
-            yield chunk
-
-
-_CONTINUED = web.RequestKey("continued", bool)   # 100 Continue sent for this request
-
-
-async def defer_continue(request: web.Request) -> None:
-    """The route's Expect handler: 100 Continue waits until the request is forwarded."""
-    if request.headers.get("Expect", "").lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text="the only expectation understood is 100-continue")
-
-
-class _NotConnected(Exception):
-    pass

@@ -1,0 +1,212 @@
+"""Connections to one upstream (the engine, or autosleepd's own app): a small keep-alive pool,
+each connection parsing its answers with llhttp and handing their bytes on as they arrive.
+
+A connection carries one exchange at a time. The answer's head is parsed and given to the
+exchange; the body's bytes pass on untouched, framing included (``response_bytes``), and the
+parser only follows them to find the answer's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import httptools
+
+UPSTREAM_KEEPALIVE = 4.0   # seconds; vLLM's uvicorn closes idle connections after 5
+MAX_RESPONSE_HEAD = 64 * 1024
+WRITE_BUFFER = 256 * 1024   # past this much unsent to the engine, the client is not read
+
+
+class Exchange(Protocol):
+    """What a connection tells the request it carries."""
+
+    def response_head(self, status: int, reason: bytes, headers: list, framing: str) -> bool: ...
+    def response_bytes(self, data: bytes) -> None: ...
+    def response_flush(self) -> None: ...
+    def response_end(self, reusable: bool) -> None: ...
+    def upstream_lost(self, error: Exception | None) -> None: ...
+    def upstream_paused(self, paused: bool) -> None: ...
+
+
+class Upstream:
+    """An address (``http(s)://host:port[/prefix]`` or a unix socket) and its idle connections."""
+
+    def __init__(self, url: str | None = None, unix_path: str | None = None,
+                 connect_timeout: float = 5.0, keepalive: float = UPSTREAM_KEEPALIVE):
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self.unix_path = unix_path
+        self.ssl = None
+        if url is not None:
+            parts = urlsplit(url)
+            self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+            if parts.scheme == "https":
+                self.ssl = ssl.create_default_context()
+            self.host_header = parts.netloc.encode()
+            self.prefix = parts.path.rstrip("/").encode()
+        else:
+            self.host_header, self.prefix = b"localhost", b""
+        self._idle: list[UpstreamConnection] = []
+
+    async def connection(self) -> "UpstreamConnection":
+        """An idle connection young enough to trust, else a new one (``OSError``, ``TimeoutError``)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._idle:
+            connection = self._idle.pop()   # the most recent: older ones age out
+            if now - connection.idle_since < self.keepalive:
+                return connection
+            connection.close()
+        if self.unix_path is not None:
+            opening = loop.create_unix_connection(lambda: UpstreamConnection(self), self.unix_path)
+        else:
+            opening = loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
+                                             ssl=self.ssl)
+        async with asyncio.timeout(self.connect_timeout):
+            _, connection = await opening
+        return connection
+
+    def put_back(self, connection: "UpstreamConnection") -> None:
+        connection.pause_reading(False)   # a slow client may have paused it
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.append(connection)
+
+    def forget(self, connection: "UpstreamConnection") -> None:
+        if connection in self._idle:
+            self._idle.remove(connection)
+
+    def close(self) -> None:
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, upstream: Upstream):
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.idle_since = 0.0
+        self._parser = None
+        self._head = b""          # the answer's head while it is incomplete
+        self._in_body = False
+        self._raw = True          # body bytes pass on framed as they came
+        self._headers: list = []
+        self._reason = b""
+        self._head_only = False   # the answer to HEAD: it ends with its head
+        self._paused = False      # not read: the client takes the answer slower than it comes
+
+    # ----- the exchange's side -----------------------------------------------------------------
+
+    def send(self, exchange: Exchange, data: bytes, head_only: bool) -> None:
+        self.exchange = exchange
+        self._parser = httptools.HttpResponseParser(self)
+        self._head, self._in_body, self._raw, self._headers = b"", False, True, []
+        self._head_only = head_only
+        self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_reading(self, paused: bool) -> None:
+        if paused != self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = paused
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """The exchange is over before its answer ended: the engine must see the request go."""
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ----- the socket's side -------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_BUFFER)
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:   # bytes while idle: nothing asked for them
+            self.close()
+            return
+        try:
+            if not self._in_body:
+                data = self._head + data
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(data) > MAX_RESPONSE_HEAD:
+                        raise httptools.HttpParserError("the answer's head is too large")
+                    self._head = data
+                    return
+                self._head, self._in_body = b"", True
+                self._parser.feed_data(data[:end + 4])
+                data = data[end + 4:]
+            if data and self.exchange is exchange:
+                if self._raw:
+                    exchange.response_bytes(data)
+                self._parser.feed_data(data)
+            if self.exchange is exchange:
+                exchange.response_flush()
+        except httptools.HttpParserError as error:
+            self.exchange = None
+            self.transport.abort()
+            exchange.upstream_lost(error)
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if self._head_only or status in (204, 304):
+            framing = "none"
+        elif any(name.lower() == b"transfer-encoding" for name, _ in self._headers):
+            framing = "chunked"
+        elif any(name.lower() == b"content-length" for name, _ in self._headers):
+            framing = "length"
+        else:
+            framing = "close"   # the body ends when the engine closes the connection
+        self._raw = self.exchange.response_head(status, self._reason, self._headers, framing)
+        if self._head_only:
+            self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._raw and self.exchange is not None:
+            self.exchange.response_bytes(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        reusable = self._parser.should_keep_alive() and not self._head_only
+        exchange.response_end(reusable)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.upstream.forget(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_paused(False)
