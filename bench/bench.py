@@ -67,10 +67,11 @@ class Services:
         self.workdir = workdir
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, name: str, command: list[str], env: dict | None = None) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], env: dict | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
         log = (self.workdir / f"{name}.log").open("w")
         process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         self.processes.append(process)
         return process
 
@@ -102,14 +103,30 @@ def start_sim(services: Services, *args: str) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def start_autosleepd(services: Services, upstream: str, loop: str, **settings) -> tuple[str, int]:
+def start_autosleepd(services: Services, upstream: str, loop: str, tree: Path | None = None,
+                     **settings) -> tuple[str, int]:
+    """``tree``: another version's source (see ``baseline_tree``), run instead of this one.
+    Autosleep is on, as by default, with a window longer than any run here."""
     port = free_port()
     env = {"AUTOSLEEPD_UPSTREAM": upstream, "AUTOSLEEPD_HOST": "127.0.0.1", "AUTOSLEEPD_PORT": str(port),
-           "AUTOSLEEPD_IDLE_TIMEOUT": "0", "AUTOSLEEPD_LOG_FORMAT": "json", "AUTOSLEEPD_EVENT_LOOP": loop,
+           "AUTOSLEEPD_IDLE_TIMEOUT": "10m", "AUTOSLEEPD_LOG_FORMAT": "json", "AUTOSLEEPD_EVENT_LOOP": loop,
            **{f"AUTOSLEEPD_{k.upper()}": str(v) for k, v in settings.items()}}
-    process = services.start(f"autosleepd-{loop}-{port}", [sys.executable, "-m", "autosleepd"], env)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    process = services.start(f"autosleepd-{loop}-{port}", [sys.executable, "-m", "autosleepd"], env,
+                             cwd=tree)
     wait_listening(port)
     return f"http://127.0.0.1:{port}", process.pid
+
+
+def baseline_tree(ref: str, workdir: Path) -> Path:
+    """autosleepd's package as of git ``ref``, to run side by side with this one."""
+    tree = workdir / "baseline"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "autosleepd"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
 
 
 def nginx_available() -> str | None:
@@ -292,6 +309,130 @@ def idle_footprint(services: Services, seconds: int) -> dict:
             "cpu_percent_of_a_core": round(100 * used / seconds, 3)}
 
 
+# ----- 5. the data path, against the goals ----------------------------------------------------
+
+# Goals (issue 14), each a figure measured side by side with direct and nginx in the same run.
+GOALS = {"cpu_per_request_us": 100, "added_p50_c1_ms": 0.1, "cpu_per_event_us": 15,
+         "ttft_p50_added_ms": 2.0}
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process and its children (nginx's workers), user and system."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for each in [process, *process.children(recursive=True)]:
+        times = each.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def stream_load(url: str, seconds: float, connections: int = 256, max_tokens: int = 50) -> dict:
+    """bench/streams.py in its own process: the load generator shares no loop with anyone."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "streams.py"), url, "--connections",
+                          str(connections), "--seconds", str(seconds), "--max-tokens", str(max_tokens)],
+                         capture_output=True, text=True, timeout=seconds + 120).stdout
+    return json.loads(next(l for l in out.splitlines() if l.startswith("STREAMS "))[8:])
+
+
+def data_path(services: Services, rounds: int, seconds: int, baseline: Path | None,
+              baseline_ref: str | None) -> dict:
+    """Per request and per streamed event: the CPU autosleepd and nginx spend, the latency they
+    add at one connection, and the time to first event of 256 concurrent streams; in
+    interleaved rounds, medians reported."""
+    script = services.workdir / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    skipped = nginx_available()
+    plain, streaming_sim = start_sim(services), start_sim(services, "--token", "20ms")
+    targets: dict[str, dict] = {"direct": {"plain": plain, "stream": streaming_sim, "pid": None}}
+    if skipped is None:
+        for sim, key in ((plain, "plain"), (streaming_sim, "stream")):
+            before = {p.pid for p in services.processes}
+            url = start_nginx(services, sim)
+            pid = next(p.pid for p in services.processes if p.pid not in before)
+            targets.setdefault("nginx", {})[key] = url
+            targets["nginx"][key + "_pid"] = pid
+    versions = [("autosleepd", None)]
+    if baseline is not None:
+        versions.append((f"autosleepd {baseline_ref}", baseline))
+    for name, tree in versions:
+        for sim, key in ((plain, "plain"), (streaming_sim, "stream")):
+            url, pid = start_autosleepd(services, sim, "auto", tree=tree)
+            targets.setdefault(name, {})[key] = url
+            targets[name][key + "_pid"] = pid
+    samples: dict = {name: {"p50_c1_us": [], "cpu_per_request_us": [], "rps_c16": [],
+                            "cpu_per_event_us": [], "coalesced_share": [], "ttft_p50_ms": [],
+                            "events_per_s": []} for name in targets}
+    for round_ in range(rounds):
+        for name, target in targets.items():
+            wrk(target["plain"], 1, 1, script)   # warm-up
+            run = wrk(target["plain"], 1, seconds, script)
+            samples[name]["p50_c1_us"].append(run["percentiles_us"]["50"])
+            pid = target.get("plain_pid")
+            before = cpu_seconds(pid) if pid else 0.0
+            run = wrk(target["plain"], 16, seconds, script)
+            samples[name]["rps_c16"].append(run["rps"])
+            if pid:
+                samples[name]["cpu_per_request_us"].append(1e6 * (cpu_seconds(pid) - before) / run["requests"])
+            pid = target.get("stream_pid")
+            before = cpu_seconds(pid) if pid else 0.0
+            load = stream_load(target["stream"], seconds)
+            if pid:
+                samples[name]["cpu_per_event_us"].append(1e6 * (cpu_seconds(pid) - before) / load["events"])
+            samples[name]["coalesced_share"].append(load["coalesced_share"])
+            samples[name]["ttft_p50_ms"].append(load["ttft_p50_ms"])
+            samples[name]["events_per_s"].append(load["events_per_s"])
+            print(f"  round {round_ + 1} {name:24} p50 c=1 {samples[name]['p50_c1_us'][-1]} us, "
+                  f"{samples[name]['rps_c16'][-1]:.0f} req/s c=16, {load['events_per_s']} events/s, "
+                  f"TTFT p50 {load['ttft_p50_ms']} ms", flush=True)
+    medians = {name: {key: round(statistics.median(values), 4) if values else None
+                      for key, values in figures.items()} for name, figures in samples.items()}
+    direct = medians["direct"]
+    for name, figures in medians.items():
+        if name != "direct":
+            figures["added_p50_c1_ms"] = round((figures["p50_c1_us"] - direct["p50_c1_us"]) / 1000, 4)
+            figures["ttft_p50_added_ms"] = round(figures["ttft_p50_ms"] - direct["ttft_p50_ms"], 3)
+    return {"rounds": rounds, "seconds": seconds, "nginx_skipped": skipped, "medians": medians,
+            "samples": samples, "goals": goals(medians)}
+
+
+def goals(medians: dict) -> list[dict]:
+    """Each goal: autosleepd's figure, nginx's, and whether it is met."""
+    ours, nginx = medians["autosleepd"], medians.get("nginx", {})
+    rows = [{"goal": key, "limit": limit, "autosleepd": ours[key], "nginx": nginx.get(key),
+             "met": ours[key] is not None and ours[key] <= limit} for key, limit in GOALS.items()]
+    share = nginx.get("coalesced_share")
+    rows.append({"goal": "coalesced_share", "limit": "<= nginx", "autosleepd": ours["coalesced_share"],
+                 "nginx": share, "met": share is not None and ours["coalesced_share"] <= share})
+    return rows
+
+
+def data_path_report(data: dict) -> str:
+    names = list(data["medians"])
+    lines = [f"Data path: medians of {data['rounds']} interleaved rounds of {data['seconds']} s each",
+             "", "| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label in (("p50_c1_us", "p50 at 1 connection (us)"),
+                       ("added_p50_c1_ms", "added p50 at 1 connection (ms)"),
+                       ("rps_c16", "requests/s at 16 connections"),
+                       ("cpu_per_request_us", "CPU per request at 16 connections (us)"),
+                       ("events_per_s", "events/s, 256 streams"),
+                       ("cpu_per_event_us", "CPU per streamed event (us)"),
+                       ("coalesced_share", "reads carrying several events"),
+                       ("ttft_p50_ms", "time to first event p50, 256 streams (ms)"),
+                       ("ttft_p50_added_ms", "  added to direct's (ms)")):
+        cells = []
+        for name in names:
+            value = data["medians"][name].get(key)
+            cells.append("" if value is None else f"{value:g}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| goal | limit | autosleepd | nginx | autosleepd / nginx | met |", "|---|---|---|---|---|---|"]
+    for row in data["goals"]:
+        ratio = (f"{row['autosleepd'] / row['nginx']:.2f}" if row["nginx"] and row["autosleepd"] is not None
+                 else "")
+        lines.append(f"| {row['goal']} | {row['limit']} | {row['autosleepd']} | {row['nginx']} | "
+                     f"{ratio} | {'yes' if row['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----- report ---------------------------------------------------------------------------------
 
 def report(results: dict) -> str:
@@ -339,6 +480,9 @@ def plot(results: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, to check the script")
+    parser.add_argument("--baseline", metavar="GIT_REF",
+                        help="also run autosleepd as of this commit in the data-path rounds")
+    parser.add_argument("--only-data-path", action="store_true", help="run only section 5")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("bench: wrk is required (apt-get install wrk)")
@@ -352,10 +496,23 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "platform": platform.platform()},
-               "command": "python bench/bench.py" + (" --quick" if args.quick else "")}
+               "command": "python bench/bench.py" + (" --quick" if args.quick else "")
+               + (f" --baseline {args.baseline}" if args.baseline else "")
+               + (" --only-data-path" if args.only_data_path else "")}
     with tempfile.TemporaryDirectory() as workdir:
         services = Services(Path(workdir))
         try:
+            print("5. data path (side by side, interleaved rounds)", flush=True)
+            baseline = baseline_tree(args.baseline, Path(workdir)) if args.baseline else None
+            results["data_path"] = data_path(services, 1 if args.quick else 3, 2 if args.quick else 5,
+                                             baseline, args.baseline)
+            services.stop()
+            services.processes.clear()
+            print(data_path_report(results["data_path"]), flush=True)
+            if args.only_data_path:
+                (RESULTS / "data_path.json").write_text(json.dumps(results, indent=2))
+                (RESULTS / "data_path.md").write_text(data_path_report(results["data_path"]))
+                return 0
             pids: dict = {}
             print("1. plain proxying", flush=True)
             results["proxying"] = proxying(services, seconds, pids)
@@ -376,9 +533,11 @@ def main() -> int:
         finally:
             services.stop()
     (RESULTS / "bench.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "bench.md").write_text(report(results))
+    (RESULTS / "bench.md").write_text(report(results) + "\n" + data_path_report(results["data_path"]))
+    (RESULTS / "data_path.md").write_text(data_path_report(results["data_path"]))
     plot(results, RESULTS / "latency.png")
     print(report(results))
+    print(data_path_report(results["data_path"]))
     return 0
 
 

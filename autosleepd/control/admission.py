@@ -28,9 +28,10 @@ class _Hold:
 
 class Admission:
     def __init__(self, clock: Clock, on_change: Callable[[], None],
-                 on_abandoned: Callable[[], None]):
+                 on_abandoned: Callable[[], None], on_drained: Callable[[], None] | None = None):
         self._clock = clock
         self._on_change = on_change          # wakes the control loop
+        self._on_drained = on_drained or on_change   # in flight reached 0
         self._on_abandoned = on_abandoned    # a held client went away
         self._held: dict[asyncio.Future, _Hold] = {}   # dicts keep arrival order
         self.queued = 0                      # holds that are work (the rest are manual wakes)
@@ -57,7 +58,7 @@ class Admission:
         self.last_work_end = self._clock.now()
         if self.in_flight == 0:
             self.drained.set()
-            self._on_change()
+            self._on_drained()
 
     async def hold(self, work: bool, deadline: float) -> None:
         """Wait until let through (work is then counted in flight); raise ``HoldExpired``."""

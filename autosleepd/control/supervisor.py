@@ -12,6 +12,7 @@ changes the state (llama-swap #946: a decision taken on a stale view deadlocked)
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -63,7 +64,9 @@ class Supervisor:
         self.memory_wait: dict | None = None
         # activity, and the orders waiting for the loop
         self._changed = asyncio.Event()
-        self.admission = Admission(clock, self._changed.set, lambda: self.tell("held_abandoned"))
+        self.admission = Admission(clock, self._changed.set, lambda: self.tell("held_abandoned"),
+                                   on_drained=self._drained)
+        self._looks_by: float | None = None   # while the loop waits idle: when it looks again
         self._sleep_order: _SleepOrder | None = None
         self.closing = False
         # timers
@@ -76,13 +79,20 @@ class Supervisor:
 
     # ----- the proxy ---------------------------------------------------------------------------
 
+    def try_admit(self) -> bool:
+        """Admit this work now if the engine is awake (it is then counted in flight); False:
+        ``admit`` must wait. The proxy's fast path: no task, no await."""
+        if self.state is State.AWAKE and not self.prober.gate_closed and not self.closing:
+            self._arrived()
+            self.admission.enter()
+            return True
+        return False
+
     async def admit(self, until: float | None = None) -> None:
         """Return once this work may reach the engine (counted in flight); raise ``Refused``."""
-        if self.planners.learn_from_arrivals and self.admission.idle:
-            self.planners.observe("arrived", self.status())
-        if self.state is State.AWAKE and not self.prober.gate_closed and not self.closing:
-            self.admission.enter()
+        if self.try_admit():
             return
+        self._arrived()
         if self.closing:
             raise self._refuse("shutting_down", "autosleepd is shutting down")
         if self.admission.queued >= self.config.max_queue:
@@ -93,6 +103,19 @@ class Supervisor:
             await self.admission.hold(work=True, deadline=deadline if until is None else min(deadline, until))
         except HoldExpired:
             raise self._expired() from None
+
+    def _drained(self) -> None:
+        """In flight reached 0. The loop must look at once, unless it is awake and waiting, and
+        looks again anyway before the idle window that starts now can end: no plan that work's
+        end starts is due sooner. At one connection this spares a loop turn per request."""
+        looks_by = self._looks_by
+        if (looks_by is None or self.state is not State.AWAKE
+                or looks_by > self.clock.now() + self.config.idle_timeout):
+            self._changed.set()
+
+    def _arrived(self) -> None:
+        if self.planners.learn_from_arrivals and self.admission.idle:
+            self.planners.observe("arrived", self.status())
 
     def release(self) -> None:
         """Admitted work has ended (last byte sent, or the client went away)."""
@@ -207,7 +230,11 @@ class Supervisor:
         while not self.closing:
             act, deadline = self._decide()
             if act is None:
-                await self.wait(deadline)
+                self._looks_by = math.inf if deadline is None else deadline
+                try:
+                    await self.wait(deadline)
+                finally:
+                    self._looks_by = None
             else:
                 await act()
 

@@ -38,10 +38,15 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = None           # the exchange whose request is arriving
         self._queue: collections.deque = collections.deque()   # head: the one being served
         self._paused: set[str] = set()
-        self._timer: asyncio.TimerHandle | None = None   # keep-alive or header deadline
+        # The keep-alive or header deadline: a time and what it is, checked by a timer that is
+        # never moved earlier (see _set_deadline), so a request costs no timer of its own.
+        self._deadline: float | None = None
+        self._deadline_is = ""
+        self._timer: asyncio.TimerHandle | None = None
         self._head_size = 0
         self._last_request = False     # no request after this one (upgrade asked, or a bad one)
         self._counted = False
+        self._ready = None             # an exchange to serve once this read is parsed
 
     # ----- the socket -----------------------------------------------------------------------
 
@@ -58,30 +63,43 @@ class ClientConnection(asyncio.Protocol):
         self.remote = peer[0] if isinstance(peer, tuple) else ""
         self.trusted = relay.is_trusted(self.remote)
         transport.set_write_buffer_limits(high=WRITE_BUFFER)
-        self._start_timer(relay.config.keepalive_timeout, "keepalive_timeout")
+        self._set_deadline(relay.config.keepalive_timeout, "keepalive_timeout")
 
     def data_received(self, data: bytes) -> None:
         if not self._counted:
             return
         try:
             self._parser.feed_data(data)
+            # Served after the whole read is parsed, so a body that came with its head goes
+            # with it.
+            self._serve_ready()
         except httptools.HttpParserUpgrade:
             # The request is whole; what follows would be another protocol, which the engine
             # is not asked for (Upgrade is hop-by-hop): answer it, then close.
             self._last_request = True
             self.pause("upgrade")
+            self._serve_ready()
         except httptools.HttpParserError as error:
             self._bad_request(error)
+            self._serve_ready()
+
+    def _serve_ready(self) -> None:
+        if self._ready is not None:
+            exchange, self._ready = self._ready, None
+            self.relay.serve(exchange)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_timer()
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._counted:
             self._counted = False
             self.relay.limits.closed()
             self.relay.connections.discard(self)
-        for exchange in self._queue:
-            exchange.client_gone()
-        self._queue.clear()
+        if self._queue:
+            self._queue.popleft().client_gone()
+            self._queue.clear()
 
     def pause_writing(self) -> None:
         if self._queue:
@@ -116,16 +134,13 @@ class ClientConnection(asyncio.Protocol):
     def idle(self) -> bool:
         return not self._queue and self._parsing is None
 
-    def serving(self) -> asyncio.Task | None:
-        """The task of the request being answered, if any."""
-        return self._queue[0].task if self._queue else None
 
     # ----- the parser's callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._parsing = self.relay.exchange(self)
         self._head_size = 0
-        self._start_timer(self.relay.config.header_timeout, "header_timeout")
+        self._set_deadline(self.relay.config.header_timeout, "header_timeout")
 
     def on_url(self, url: bytes) -> None:
         self._parsing.url += url
@@ -139,13 +154,13 @@ class ClientConnection(asyncio.Protocol):
         self._parsing.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._stop_timer()
+        self._deadline = None
         parser, exchange = self._parser, self._parsing
         exchange.headers_complete(parser.get_method(), parser.get_http_version(),
                                   parser.should_keep_alive())
         self._queue.append(exchange)
         if len(self._queue) == 1:
-            self.relay.serve(exchange)
+            self._ready = exchange
         else:
             self.pause("pipelined")
 
@@ -170,10 +185,11 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         if self._queue:
+            # Not from inside this call: it may come from the engine connection's parser.
             self.resume("pipelined")
-            self.relay.serve(self._queue[0])
+            asyncio.get_running_loop().call_soon(self.relay.serve, self._queue[0])
         elif self._parsing is None:
-            self._start_timer(self.relay.config.keepalive_timeout, "keepalive_timeout")
+            self._set_deadline(self.relay.config.keepalive_timeout, "keepalive_timeout")
 
     def _bad_request(self, error: Exception) -> None:
         """A malformed request is the client's fault: one line at debug, only the class of the
@@ -189,20 +205,30 @@ class ClientConnection(asyncio.Protocol):
                                  b"Connection: close\r\n\r\n")
             self.transport.close()
 
-    # ----- timers ---------------------------------------------------------------------------------
+    # ----- the deadline -----------------------------------------------------------------------
 
-    def _start_timer(self, seconds: float, why: str) -> None:
-        self._stop_timer()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._timed_out, why)
+    def _set_deadline(self, seconds: float, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline, self._deadline_is = loop.time() + seconds, what
+        if self._timer is None:
+            self._timer = loop.call_later(self._shortest(), self._check_deadline)
 
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _shortest(self) -> float:
+        """The timer looks at least this often while a deadline is set: never later than the
+        shortest deadline set from now could fall, so no deadline is ever missed, and none
+        needs the timer moved earlier."""
+        return min(self.relay.config.header_timeout, self.relay.config.keepalive_timeout)
 
-    def _timed_out(self, why: str) -> None:
+    def _check_deadline(self) -> None:
         self._timer = None
-        if why == "header_timeout":
+        if self._deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._deadline - loop.time()
+        if left > 0:
+            self._timer = loop.call_later(min(left, self._shortest()), self._check_deadline)
+            return
+        if self._deadline_is == "header_timeout":
             _log.debug("header_timeout", client=self.remote,
                        seconds=self.relay.config.header_timeout)
         self.transport.close()

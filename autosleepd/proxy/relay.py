@@ -52,9 +52,11 @@ _LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Gate(Protocol):
-    """What admits work to one engine: the supervisor, or a stand-in for it in a worker process."""
+    """What admits work to one engine: the supervisor, or a stand-in for it in a worker process.
+    Every admission (``try_admit`` True, or ``admit`` returning) is ended by one ``release``."""
 
-    async def admit(self, until: float | None = None) -> None: ...   # raises Refused
+    def try_admit(self) -> bool: ...   # admitted now, without waiting
+    async def admit(self, until: float | None = None) -> None: ...   # waits; raises Refused
     def release(self) -> None: ...
     def stalled(self) -> None: ...
     def engine_unreachable(self, detail: str) -> None: ...
@@ -72,47 +74,35 @@ class Target:
         self.gate = gate
 
 
-class _NotConnected(Exception):
-    pass
-
-
-class _UpstreamFailed(Exception):
-    """The engine's answer failed before its head reached the client."""
-
-
-class _TooLarge(Exception):
-    pass
-
-
 class Exchange:
     """One request and its answer. The client connection feeds the request in (head, body
-    chunks); the upstream connection feeds the answer in; the relay's task decides."""
+    chunks); the upstream connection feeds the answer in; the relay decides and ends it."""
 
-    __slots__ = ("client", "url", "headers", "method", "http10", "keep_alive", "length", "chunked",
-                 "expect", "host", "hop", "body", "body_done", "body_seen", "limit", "conn",
-                 "sending", "slot", "ended", "status", "head", "head_sent", "close_after",
-                 "framing", "stall", "task", "finished")
+    __slots__ = ("relay", "client", "url", "headers", "method", "http10", "keep_alive", "length",
+                 "chunked", "expect", "host", "hop", "body", "body_done", "body_seen", "conn",
+                 "sending", "slot", "status", "head", "head_sent", "close_after", "framing",
+                 "task", "finished", "admitted", "kind", "path", "started")
 
-    def __init__(self, client: ClientConnection, limit: int):
+    def __init__(self, relay: "Relay", client: ClientConnection):
+        self.relay = relay
         self.client = client
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []     # body bytes that arrived before the engine could take them
         self.body_done = False
         self.body_seen = 0
-        self.limit = limit              # AUTOSLEEPD_MAX_BODY_SIZE, 0: none
         self.conn: UpstreamConnection | None = None
         self.sending = False            # the head went upstream: body bytes follow it directly
         self.slot = None
-        self.ended: asyncio.Future | None = None
         self.status = 0
         self.head: bytes | None = None  # the answer's head, written with the first body bytes
         self.head_sent = False
         self.close_after = False
         self.framing = ""
-        self.stall: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task | None = None   # only while waiting: for admission, a connect
         self.finished = False
+        self.admitted: Gate | None = None       # to release when the exchange ends
+        self.kind: str | None = None            # set once served
 
     # ----- the request, from the client connection ----------------------------------------------
 
@@ -148,8 +138,9 @@ class Exchange:
         if self.finished:
             return
         self.body_seen += len(data)
-        if self.limit and self.body_seen > self.limit:
-            self.too_large()
+        limit = self.relay.config.max_body_size
+        if limit and self.body_seen > limit:
+            self.relay.body_too_large(self)
             return
         if self.slot is not None:
             self.slot.wait_for_bytes()
@@ -163,7 +154,7 @@ class Exchange:
         if self.slot is not None:
             self.slot.give_back()
             self.slot = None
-        if self.sending and self.chunked:
+        if self.sending and self.chunked and self.conn is not None:
             self.conn.write(_LAST_CHUNK)
 
     def buffered_body(self) -> bytes:
@@ -174,20 +165,13 @@ class Exchange:
             return data + _LAST_CHUNK if self.body_done else data
         return b"".join(chunks)
 
-    def too_large(self) -> None:
-        if self.ended is not None and not self.ended.done():
-            self.ended.set_exception(_TooLarge())
-        self.finished = True   # nothing more of this body is wanted
-        if self.task is not None and self.ended is None:
-            self.task.cancel()
-            self.task = None
-            self.client.write(_too_large_bytes(f"the request body is over the limit of {self.limit} bytes"))
-            self.close_after = True
-            self.client.close()
-
     def client_gone(self) -> None:
+        if self.kind is None or self.finished:   # never served, or over
+            return
         if self.task is not None and not self.task.done():
-            self.task.cancel()
+            self.task.cancel()   # held or connecting: the task ends the exchange
+        else:
+            self.relay.complete(self)
 
     def client_paused(self, paused: bool) -> None:
         """The client reads slower than the engine writes: stop reading the engine."""
@@ -197,9 +181,7 @@ class Exchange:
     # ----- the answer, from the upstream connection ------------------------------------------
 
     def response_head(self, status: int, reason: bytes, headers: list, framing: str) -> bool:
-        if self.stall is not None:
-            self.stall.cancel()
-            self.stall = None
+        self.relay.answering_started(self)
         self.status = status
         self.framing = framing
         hop = ()
@@ -235,7 +217,9 @@ class Exchange:
         if self.head is not None:
             data, self.head = self.head + data, None
             self.head_sent = True
-        self.client.write(data)
+        transport = self.client.transport
+        if not transport.is_closing():
+            transport.write(data)
 
     def response_flush(self) -> None:
         if self.head is not None:
@@ -245,22 +229,19 @@ class Exchange:
     def response_end(self, reusable: bool) -> None:
         self.response_flush()
         conn, self.conn = self.conn, None
-        if reusable and self.body_done and self.sending:
+        if reusable and self.body_done and not self.finished:
             conn.upstream.put_back(conn)
         else:
             conn.close()
-        if not self.ended.done():
-            self.ended.set_result(None)
+        self.relay.complete(self)
 
     def upstream_lost(self, error: Exception | None) -> None:
         self.conn = None
-        if self.ended is None or self.ended.done():
-            return
         if self.framing == "close":   # such a body ends when the engine closes
             self.response_flush()
-            self.ended.set_result(None)
+            self.relay.complete(self)
         else:
-            self.ended.set_exception(_UpstreamFailed(error))
+            self.relay.upstream_failed(self, error)
 
     def upstream_paused(self, paused: bool) -> None:
         """The engine takes the body slower than the client sends it: stop reading the client."""
@@ -268,11 +249,6 @@ class Exchange:
             self.client.pause("upstream")
         else:
             self.client.resume("upstream")
-
-
-def _too_large_bytes(message: str) -> bytes:
-    return error_bytes(413, message + " (AUTOSLEEPD_MAX_BODY_SIZE)", "invalid_request_error",
-                       "body_too_large", close=True)
 
 
 class Relay:
@@ -286,6 +262,11 @@ class Relay:
         self.limits = Limits(config.max_connections, config.header_timeout)
         self.connections: set[ClientConnection] = set()
         self.observer = None   # metrics: .request(kind, status)
+        self.answering = 0     # exchanges not yet complete
+        self._awaiting_head: dict[Exchange, float] = {}   # work sent, no answer yet: when sent
+        self._stall_check: asyncio.TimerHandle | None = None
+        self._quiet = asyncio.Event()   # set while none is
+        self._quiet.set()
         self._trusted = config.trusted_proxies
         self._log = structlog.get_logger("autosleepd.proxy")
 
@@ -293,7 +274,7 @@ class Relay:
         return ClientConnection(self)
 
     def exchange(self, client: ClientConnection) -> Exchange:
-        return Exchange(client, self.config.max_body_size)
+        return Exchange(self, client)
 
     def is_trusted(self, remote: str) -> bool:
         """A front named in AUTOSLEEPD_TRUSTED_PROXIES: its X-Forwarded-Proto/-Host are kept."""
@@ -309,15 +290,15 @@ class Relay:
         """The upstream for this request. Routing by model would choose among engines here."""
         return self.own if exchange.url.startswith(OWN_PREFIX) else self.engine
 
-    def serve(self, exchange: Exchange) -> None:
-        exchange.task = asyncio.get_running_loop().create_task(self._serve(exchange))
-
     async def finish(self, timeout: float) -> None:
         """At shutdown, once work has drained: answers still in progress (passive ones) get
         ``timeout`` to end, then every connection both ways is closed."""
-        answering = [task for client in self.connections if (task := client.serving()) is not None]
-        if answering:
-            await asyncio.wait(answering, timeout=timeout)
+        try:
+            await asyncio.wait_for(self._quiet.wait(), timeout)
+        except TimeoutError:
+            pass
+        if self._stall_check is not None:
+            self._stall_check.cancel()
         for client in list(self.connections):
             client.close() if client.idle else client.abort()
         self.engine.upstream.close()
@@ -325,151 +306,197 @@ class Relay:
 
     # ----- one request --------------------------------------------------------------------------
 
-    async def _serve(self, exchange: Exchange) -> None:
-        started = time.monotonic()
+    def serve(self, exchange: Exchange) -> None:
+        """Answer at once where nothing needs waiting for: the request is forwarded from this
+        callback; else a task waits (for admission, for a connection) and forwards it."""
+        if exchange.client.transport.is_closing():   # a pipelined request whose client left
+            return
+        exchange.started = time.monotonic() if self.config.log_requests else 0.0
+        self.answering += 1
+        self._quiet.clear()
         url = exchange.url
         if not url.startswith(b"/") and url != b"*":
             # path and query only: an absolute-form target (POST http://x/... HTTP/1.1) names us
             parsed = httptools.parse_url(url)
             exchange.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
         target = self.target(exchange)
-        path = exchange.url.split(b"?", 1)[0].decode("latin-1")
-        kind = "own" if target.gate is None else self.classify(
+        path = exchange.path = exchange.url.split(b"?", 1)[0].decode("latin-1")
+        kind = exchange.kind = "own" if target.gate is None else self.classify(
             unquote(path) if "%" in path else path, exchange.method.decode(), exchange.has_body)
-        status = 0
-        try:
-            status = await self._answer(exchange, target, kind, path)
-        except asyncio.CancelledError:
-            status = 499   # the client went away
-        finally:
-            exchange.finished = True
-            if exchange.conn is not None:   # the answer did not end: the engine must see it go
-                exchange.conn.abort()
-                exchange.conn = None
-            if exchange.slot is not None:
-                exchange.slot.give_back()
-                exchange.slot = None
-        if self.observer is not None and kind != "own" and status != 499:
-            self.observer.request(kind, status)
-        if self.config.log_requests:
-            self._log.info("request", method=exchange.method.decode(), path=path, kind=kind,
-                           status=status, seconds=round(time.monotonic() - started, 4))
-        exchange.client.finished(exchange, exchange.keep_alive and not exchange.close_after)
-
-    async def _answer(self, exchange: Exchange, target: Target, kind: str, path: str) -> int:
         if kind == "blocked":
-            return self._error(exchange, 403, f"{path} is a vLLM control "
-                               "endpoint; clients may not call it through autosleepd (use "
-                               "/autosleepd/ instead)", "forbidden", "blocked_path")
+            self._error(exchange, 403, f"{path} is a vLLM control endpoint; clients may not call "
+                        "it through autosleepd (use /autosleepd/ instead)", "forbidden", "blocked_path")
+            return
         limit = self.config.max_body_size
         if limit and exchange.length is not None and exchange.length > limit:
             exchange.close_after = True
-            exchange.client.write(_too_large_bytes(f"the request body of {exchange.length} bytes "
-                                                   f"is over the limit of {limit} bytes"))
-            return 413
+            self._error(exchange, 413, f"the request body of {exchange.length} bytes is over the "
+                        f"limit of {limit} bytes (AUTOSLEEPD_MAX_BODY_SIZE)", "invalid_request_error",
+                        "body_too_large")
+            return
         if exchange.expect is not None and exchange.expect != b"100-continue":
             exchange.close_after = True
-            return self._error(exchange, 417, "the only expectation understood is 100-continue",
-                               "invalid_request_error", "expectation_failed")
-        if kind != "work":
-            try:
-                return await self._forward(exchange, target, work=False)
-            except _NotConnected as failure:   # passive requests are never held: answer now
-                if target.gate is not None:
-                    target.gate.engine_unreachable(str(failure))
-                return self._error(exchange, 502, f"the engine at {self.config.upstream} is not "
-                                   "reachable", "bad_gateway", "engine_unavailable", 5)
-        return await self._forward_work(exchange, target)
+            self._error(exchange, 417, "the only expectation understood is 100-continue",
+                        "invalid_request_error", "expectation_failed")
+            return
+        if kind == "work":
+            # A body still arriving is held in the client's socket, not here (see _wait).
+            if not exchange.body_done or not target.gate.try_admit():
+                exchange.task = asyncio.get_running_loop().create_task(self._wait(exchange, target))
+                return
+            exchange.admitted = target.gate
+        conn = target.upstream.idle()
+        if conn is None:
+            exchange.task = asyncio.get_running_loop().create_task(self._wait(exchange, target))
+            return
+        self._send(exchange, target, conn)
 
-    async def _forward_work(self, exchange: Exchange, target: Target) -> int:
-        # A body still arriving waits in the client's socket while the request is held, not
-        # here: reading resumes (and Expect: 100-continue is answered) once it is admitted.
+    async def _wait(self, exchange: Exchange, target: Target) -> None:
+        """The slow path: wait to be admitted (work), and for a new connection to the upstream."""
         client, gate = exchange.client, target.gate
-        held = not exchange.body_done
-        if held:
-            client.pause("held")
+        work = exchange.kind == "work"
+        held = work and not exchange.body_done and exchange.admitted is None
         until = None   # set at the first failed connect: every retry shares one deadline
-        while True:
-            try:
-                await gate.admit(until=until)
-            except Refused as refused:
-                status, kind, retry_after = refusal(refused.reason, refused.retry_after)
-                return self._error(exchange, status, refused.message, kind, refused.reason,
-                                   retry_after)
-            try:
-                if held:
-                    if exchange.length is None or exchange.length > WHOLE_BODY_LIMIT:
-                        exchange.slot = await self.uploads.take()
-                    client.resume("held")
-                    held = False
-                return await self._forward(exchange, target, work=True)
-            except _NotConnected as failure:
-                # Nothing reached the engine, so the request is held again until it is back.
-                gate.engine_unreachable(str(failure))
-                if until is None:
-                    until = gate.now() + self.config.wake_timeout
-            finally:
-                gate.release()
-
-    async def _forward(self, exchange: Exchange, target: Target, work: bool) -> int:
-        if (exchange.expect is not None and not exchange.body_done and not exchange.http10
-                and not exchange.body_seen):
-            exchange.client.write(_CONTINUE)
-            exchange.expect = None
-        upstream = target.upstream
         try:
-            conn = await upstream.connection()
-        except (OSError, TimeoutError) as error:
-            if getattr(error, "errno", None) in _LOCAL_ERRNOS:
-                self._log.warning("local_resources_exhausted", path=_path(exchange),
-                                  error=error.strerror)
-                return self._error(exchange, 503, "autosleepd is short of local resources (file "
-                                   f"descriptors or ports): {error.strerror}",
-                                   "service_unavailable", "proxy_overloaded", 1)
-            raise _NotConnected(repr(error)) from None
-        loop = asyncio.get_running_loop()
+            while True:
+                if work and exchange.admitted is None:
+                    if held:
+                        # Reading resumes (and Expect: 100-continue is answered) once admitted.
+                        client.pause("held")
+                    try:
+                        await gate.admit(until=until)
+                    except Refused as refused:
+                        status, kind, retry_after = refusal(refused.reason, refused.retry_after)
+                        self._error(exchange, status, refused.message, kind, refused.reason,
+                                    retry_after)
+                        return
+                    exchange.admitted = gate
+                    if held:
+                        if exchange.length is None or exchange.length > WHOLE_BODY_LIMIT:
+                            exchange.slot = await self.uploads.take()
+                        client.resume("held")
+                        held = False
+                if (exchange.expect is not None and not exchange.body_done
+                        and not exchange.http10 and not exchange.body_seen):
+                    client.write(_CONTINUE)
+                    exchange.expect = None
+                try:
+                    conn = await target.upstream.connection()
+                except (OSError, TimeoutError) as error:
+                    if getattr(error, "errno", None) in _LOCAL_ERRNOS:
+                        self._log.warning("local_resources_exhausted", path=exchange.path,
+                                          error=error.strerror)
+                        self._error(exchange, 503, "autosleepd is short of local resources (file "
+                                    f"descriptors or ports): {error.strerror}",
+                                    "service_unavailable", "proxy_overloaded", 1)
+                        return
+                    if gate is not None:
+                        gate.engine_unreachable(repr(error))
+                    if not work:   # passive requests are never held: answer now
+                        self._error(exchange, 502, f"the engine at {self.config.upstream} is not "
+                                    "reachable", "bad_gateway", "engine_unavailable", 5)
+                        return
+                    # Nothing reached the engine, so the request is held again until it is back.
+                    if until is None:
+                        until = gate.now() + self.config.wake_timeout
+                    exchange.admitted = None
+                    gate.release()
+                    continue
+                exchange.task = None
+                self._send(exchange, target, conn)
+                return
+        except asyncio.CancelledError:   # the client went away
+            exchange.task = None
+            self.complete(exchange)
+
+    def _send(self, exchange: Exchange, target: Target, conn: UpstreamConnection) -> None:
         exchange.conn = conn
-        exchange.ended = loop.create_future()
-        data = self._request_head(exchange, upstream, exchange.client) + exchange.buffered_body()
+        data = self._request_head(exchange, target.upstream) + exchange.buffered_body()
         exchange.sending = True
-        conn.send(exchange, data, head_only=exchange.method == b"HEAD")
-        if work:
-            # Work with no answer after STALL_AFTER may have reached an engine slept behind our
-            # back (it then hangs for ever): the gate probes. A long plain completion stalls
-            # too, so a stall only asks the question.
-            exchange.stall = loop.call_later(STALL_AFTER, target.gate.stalled)
-        try:
-            await exchange.ended
-        except _TooLarge:
-            if exchange.head_sent:
-                exchange.client.abort()
-                return exchange.status
-            exchange.close_after = True
-            exchange.client.write(_too_large_bytes("the request body is over the limit of "
-                                                   f"{exchange.limit} bytes"))
-            return 413
-        except _UpstreamFailed as failed:
-            error = failed.args[0]
-            name = type(error).__name__ if error is not None else "ServerDisconnected"
-            if exchange.head_sent:
-                # The engine broke off mid-answer: end the client's connection without the
-                # final chunk, so it sees an error rather than a clean but truncated end.
-                self._log.warning("upstream_broke_mid_response", path=_path(exchange), error=name)
-                exchange.client.abort()
-                return exchange.status
-            # The class only: an error's text can carry the request line and headers.
-            self._log.warning("upstream_failed", path=_path(exchange),
-                              what="failed before answering", error=name)
-            exchange.close_after = True
-            return self._error(exchange, 502, f"the engine failed before answering ({name})",
-                               "bad_gateway", "upstream_failed", 5)
-        finally:
-            if exchange.stall is not None:
-                exchange.stall.cancel()
-                exchange.stall = None
-        return exchange.status
+        conn.send(exchange, data, head_only=exchange.method == b"HEAD", decode=exchange.http10)
+        if exchange.admitted is not None:
+            self._awaiting_head[exchange] = asyncio.get_running_loop().time()
+            if self._stall_check is None:
+                self._stall_check = asyncio.get_running_loop().call_later(STALL_AFTER / 2,
+                                                                          self._check_stalls)
 
-    def _request_head(self, exchange: Exchange, upstream: Upstream, client: ClientConnection) -> bytes:
+    def answering_started(self, exchange: Exchange) -> None:
+        self._awaiting_head.pop(exchange, None)
+
+    def _check_stalls(self) -> None:
+        """Work with no answer after STALL_AFTER may have reached an engine slept behind our back
+        (it then hangs for ever): its gate probes. A long plain completion stalls too, so a
+        stall only asks the question. One timer for all, ticking while work awaits answers
+        (a stall is seen after 1 to 1.5 STALL_AFTER)."""
+        now = asyncio.get_running_loop().time()
+        for exchange, sent in list(self._awaiting_head.items()):
+            if now - sent >= STALL_AFTER:
+                del self._awaiting_head[exchange]
+                exchange.admitted.stalled()
+        self._stall_check = (asyncio.get_running_loop().call_later(STALL_AFTER / 2, self._check_stalls)
+                             if self._awaiting_head else None)
+
+    def complete(self, exchange: Exchange) -> None:
+        """The exchange is over, answered or not: give back what it held, serve the next."""
+        if exchange.finished:
+            return
+        exchange.finished = True
+        self.answering -= 1
+        if not self.answering:
+            self._quiet.set()
+        self._awaiting_head.pop(exchange, None)
+        if exchange.conn is not None:   # the answer did not end: the engine must see it go
+            exchange.conn.abort()
+            exchange.conn = None
+        if exchange.slot is not None:
+            exchange.slot.give_back()
+            exchange.slot = None
+        if exchange.admitted is not None:
+            exchange.admitted.release()
+            exchange.admitted = None
+        client_left = exchange.client.transport.is_closing() and not exchange.status
+        if self.observer is not None and exchange.kind != "own" and not client_left:
+            self.observer.request(exchange.kind, exchange.status)
+        if self.config.log_requests:
+            self._log.info("request", method=exchange.method.decode(), path=exchange.path,
+                           kind=exchange.kind, status=exchange.status,
+                           seconds=round(time.monotonic() - exchange.started, 4))
+        exchange.client.finished(exchange, exchange.keep_alive and not exchange.close_after)
+
+    def upstream_failed(self, exchange: Exchange, error: Exception | None) -> None:
+        name = type(error).__name__ if error is not None else "ServerDisconnected"
+        if exchange.head_sent:
+            # The engine broke off mid-answer: end the client's connection without the final
+            # chunk, so it sees an error rather than a clean but truncated end.
+            self._log.warning("upstream_broke_mid_response", path=exchange.path, error=name)
+            exchange.client.abort()
+            self.complete(exchange)
+            return
+        # The class only: an error's text can carry the request line and headers.
+        self._log.warning("upstream_failed", path=exchange.path, what="failed before answering",
+                          error=name)
+        exchange.head = None
+        exchange.close_after = True
+        self._error(exchange, 502, f"the engine failed before answering ({name})", "bad_gateway",
+                    "upstream_failed", 5)
+
+    def body_too_large(self, exchange: Exchange) -> None:
+        """A body of unknown length went past AUTOSLEEPD_MAX_BODY_SIZE: it goes no further."""
+        if exchange.task is not None:
+            exchange.task.cancel()
+            exchange.task = None
+        if exchange.head_sent:
+            exchange.client.abort()
+            self.complete(exchange)
+            return
+        exchange.head = None
+        exchange.close_after = True
+        self._error(exchange, 413, "the request body is over the limit of "
+                    f"{self.config.max_body_size} bytes (AUTOSLEEPD_MAX_BODY_SIZE)",
+                    "invalid_request_error", "body_too_large")
+
+    def _request_head(self, exchange: Exchange, upstream: Upstream) -> bytes:
+        client = exchange.client
         out = [b"%b %b%b HTTP/1.1\r\nHost: %b\r\n" % (exchange.method, upstream.prefix, exchange.url,
                                                        upstream.host_header)]
         forwarded_for, proto, host = [], None, None
@@ -503,15 +530,13 @@ class Relay:
         return b"".join(out)
 
     def _error(self, exchange: Exchange, status: int, message: str, kind: str, code: str,
-               retry_after: int | None = None) -> int:
+               retry_after: int | None = None) -> None:
+        """Answer with an error of our own, and end the exchange."""
         close = exchange.close_after or not exchange.keep_alive or not exchange.body_done
         exchange.close_after = close
+        exchange.status = status
         exchange.client.write(error_bytes(status, message, kind, code, retry_after, close))
-        return status
-
-
-def _path(exchange: Exchange) -> str:
-    return exchange.url.split(b"?", 1)[0].decode("latin-1")
+        self.complete(exchange)
 
 
 class UploadSlots:

@@ -51,15 +51,23 @@ class Upstream:
             self.host_header, self.prefix = b"localhost", b""
         self._idle: list[UpstreamConnection] = []
 
-    async def connection(self) -> "UpstreamConnection":
-        """An idle connection young enough to trust, else a new one (``OSError``, ``TimeoutError``)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+    def idle(self) -> "UpstreamConnection | None":
+        """An idle connection young enough to trust: older ones are closed here, lazily (the
+        engine closes them too, after its own keep-alive)."""
+        now = asyncio.get_running_loop().time()
         while self._idle:
             connection = self._idle.pop()   # the most recent: older ones age out
             if now - connection.idle_since < self.keepalive:
                 return connection
             connection.close()
+        return None
+
+    async def connection(self) -> "UpstreamConnection":
+        """An idle connection, else a new one (``OSError``, ``TimeoutError``)."""
+        connection = self.idle()
+        if connection is not None:
+            return connection
+        loop = asyncio.get_running_loop()
         if self.unix_path is not None:
             opening = loop.create_unix_connection(lambda: UpstreamConnection(self), self.unix_path)
         else:
@@ -90,7 +98,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.idle_since = 0.0
-        self._parser = None
+        self._parser = self._raw_parser = None
         self._head = b""          # the answer's head while it is incomplete
         self._in_body = False
         self._raw = True          # body bytes pass on framed as they came
@@ -101,11 +109,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ----- the exchange's side -----------------------------------------------------------------
 
-    def send(self, exchange: Exchange, data: bytes, head_only: bool) -> None:
+    def send(self, exchange: Exchange, data: bytes, head_only: bool, decode: bool) -> None:
+        """``decode``: the client may need the body without its chunks (HTTP/1.0); only then
+        does the parser hand the body over, which costs a call per read."""
         self.exchange = exchange
-        self._parser = httptools.HttpResponseParser(self)
         self._head, self._in_body, self._raw, self._headers = b"", False, True, []
         self._head_only = head_only
+        self._parser = httptools.HttpResponseParser(_Decoding(self)) if decode else self._raw_parser
         self.transport.write(data)
 
     def write(self, data: bytes) -> None:
@@ -134,6 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ----- the socket's side -------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
+        self._raw_parser = httptools.HttpResponseParser(self)   # one for the answers in turn
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_BUFFER)
 
@@ -143,17 +154,21 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         try:
-            if not self._in_body:
-                data = self._head + data
-                end = data.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(data) > MAX_RESPONSE_HEAD:
-                        raise httptools.HttpParserError("the answer's head is too large")
-                    self._head = data
-                    return
-                self._head, self._in_body = b"", True
-                self._parser.feed_data(data[:end + 4])
-                data = data[end + 4:]
+            if self._in_body:   # the common case: a read of the body, passed on as it is
+                if self._raw:
+                    exchange.response_bytes(data)
+                self._parser.feed_data(data)
+                return
+            data = self._head + data
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_RESPONSE_HEAD:
+                    raise httptools.HttpParserError("the answer's head is too large")
+                self._head = data
+                return
+            self._head, self._in_body = b"", True
+            self._parser.feed_data(data[:end + 4])
+            data = data[end + 4:]
             if data and self.exchange is exchange:
                 if self._raw:
                     exchange.response_bytes(data)
@@ -186,7 +201,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head_only:
             self.on_message_complete()
 
-    def on_body(self, body: bytes) -> None:
+    def decoded_body(self, body: bytes) -> None:
         if not self._raw and self.exchange is not None:
             self.exchange.response_bytes(body)
 
@@ -210,3 +225,14 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.upstream_paused(False)
+
+
+class _Decoding:
+    """A connection's callbacks with the body's too: for a parser that hands the body over."""
+
+    def __init__(self, connection: UpstreamConnection):
+        self.on_status = connection.on_status
+        self.on_header = connection.on_header
+        self.on_headers_complete = connection.on_headers_complete
+        self.on_body = connection.decoded_body
+        self.on_message_complete = connection.on_message_complete
