@@ -21,9 +21,11 @@ from urllib.parse import urlsplit
 import httptools
 
 
-def request_bytes(host: str, path: str, max_tokens: int, model: str = "sim-model") -> bytes:
+def request_bytes(host: str, path: str, max_tokens: int, model: str = "sim-model",
+                  extra: dict | None = None) -> bytes:
+    """``extra``: more fields for the body (vLLM: ignore_eos, allowed_token_ids, ...)."""
     body = json.dumps({"model": model, "prompt": "stream me", "max_tokens": max_tokens,
-                       "stream": True}).encode()
+                       "stream": True, **(extra or {})}).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
@@ -37,7 +39,7 @@ class Totals:
         self.reads_with_several = 0
         self.bad_status = 0
         self.ttft: list[float] = []
-        self.closed = 0
+        self.cut = 0          # streams whose connection closed before their end
 
 
 class StreamClient(asyncio.Protocol):
@@ -50,6 +52,7 @@ class StreamClient(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.sent = 0.0
         self.first = True
+        self.busy = False
         self.transport = None
 
     def connection_made(self, transport) -> None:
@@ -58,6 +61,7 @@ class StreamClient(asyncio.Protocol):
 
     def send(self) -> None:
         self.first = True
+        self.busy = True
         self.sent = time.perf_counter()
         self.transport.write(self.request)
 
@@ -74,6 +78,7 @@ class StreamClient(asyncio.Protocol):
         self.parser.feed_data(data)
 
     def on_message_complete(self) -> None:
+        self.busy = False
         self.totals.streams += 1
         if self.parser.get_status_code() != 200:
             self.totals.bad_status += 1
@@ -83,16 +88,17 @@ class StreamClient(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
-        self.totals.closed += 1
+        self.totals.cut += self.busy
         if not self.done.done():
             self.done.set_result(None)
 
 
 async def run(url: str, connections: int, seconds: float, max_tokens: int,
-              path: str = "/v1/completions", model: str = "sim-model") -> dict:
+              path: str = "/v1/completions", model: str = "sim-model", extra: dict | None = None,
+              ttft_samples: bool = False) -> dict:
     loop = asyncio.get_running_loop()
     parts = urlsplit(url)
-    request = request_bytes(parts.netloc, path, max_tokens, model)
+    request = request_bytes(parts.netloc, path, max_tokens, model, extra)
     totals = Totals(time.monotonic() + seconds)
     finished = []
     started = time.perf_counter()
@@ -108,9 +114,10 @@ async def run(url: str, connections: int, seconds: float, max_tokens: int,
             "events": totals.events, "events_per_s": round(totals.events / elapsed),
             "reads": totals.reads, "reads_with_several_events": totals.reads_with_several,
             "coalesced_share": round(totals.reads_with_several / max(1, totals.reads), 4),
-            "bad_status": totals.bad_status,
+            "bad_status": totals.bad_status, "cut_streams": totals.cut,
             "ttft_p50_ms": round(1000 * ttft[len(ttft) // 2], 3) if ttft else None,
-            "ttft_p90_ms": round(1000 * ttft[int(len(ttft) * 0.9)], 3) if ttft else None}
+            "ttft_p90_ms": round(1000 * ttft[int(len(ttft) * 0.9)], 3) if ttft else None,
+            **({"ttft_s": ttft} if ttft_samples else {})}
 
 
 def main() -> int:
