@@ -32,6 +32,8 @@ from .upstream import Upstream, UpstreamConnection
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+# In an answer's head (lower case), the hop-by-hop headers that must come out.
+_HOP_MARKERS = tuple(b"\r\n" + name + b":" for name in HOP_BY_HOP - {b"transfer-encoding"})
 # Host names the engine; Expect is answered here, on release; the length is set from the body.
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for",
                                b"x-forwarded-proto", b"x-forwarded-host"}
@@ -180,30 +182,34 @@ class Exchange:
 
     # ----- the answer, from the upstream connection ------------------------------------------
 
-    def response_head(self, status: int, reason: bytes, headers: list, framing: str) -> bool:
+    def response_head(self, status: int, head: bytes, lower: bytes, framing: str) -> bool:
+        """The answer's head as the client gets it (``lower``: the same, lower case); True:
+        the body passes on framed as it comes."""
         self.relay.answering_started(self)
         self.status = status
         self.framing = framing
+        if framing == "close":
+            self.close_after = True
+        decode = framing == "chunked" and self.http10
+        if (not decode and self.keep_alive and not self.close_after and not self.http10
+                and head.startswith(b"HTTP/1.1 ") and not any(m in lower for m in _HOP_MARKERS)):
+            self.head = head   # the common case: nothing to take out or add
+            return True
+        lines = head[:-4].split(b"\r\n")
         hop = ()
-        for name, value in headers:
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
             if name.lower() == b"connection":
                 hop = tuple(token.strip().lower() for token in value.split(b","))
-        out = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-        coding = None
-        for name, value in headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in hop:
-                if lower == b"transfer-encoding":
-                    coding = value
+        out = [b"HTTP/1.1 " + lines[0].partition(b" ")[2] + b"\r\n"]
+        for line in lines[1:]:
+            name = line.partition(b":")[0].lower()
+            if name in HOP_BY_HOP or name in hop:
+                if name == b"transfer-encoding" and not decode:
+                    out.append(line + b"\r\n")   # the chunks pass on as they are
                 continue
-            out.append(b"%b: %b\r\n" % (name, value))
-        raw = True
-        if framing == "chunked":
-            if self.http10:   # no chunks for HTTP/1.0: the body goes decoded, ended by a close
-                raw, self.close_after = False, True
-            else:
-                out.append(b"Transfer-Encoding: %b\r\n" % coding)
-        elif framing == "close":
+            out.append(line + b"\r\n")
+        if decode:   # no chunks for HTTP/1.0: the body goes decoded, ended by a close
             self.close_after = True
         if self.close_after or not self.keep_alive:
             out.append(b"Connection: close\r\n")
@@ -211,7 +217,7 @@ class Exchange:
             out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
         self.head = b"".join(out)
-        return raw
+        return not decode
 
     def response_bytes(self, data: bytes) -> None:
         if self.head is not None:

@@ -23,7 +23,7 @@ WRITE_BUFFER = 256 * 1024   # past this much unsent to the engine, the client is
 class Exchange(Protocol):
     """What a connection tells the request it carries."""
 
-    def response_head(self, status: int, reason: bytes, headers: list, framing: str) -> bool: ...
+    def response_head(self, status: int, head: bytes, lower: bytes, framing: str) -> bool: ...
     def response_bytes(self, data: bytes) -> None: ...
     def response_flush(self) -> None: ...
     def response_end(self, reusable: bool) -> None: ...
@@ -102,8 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = b""          # the answer's head while it is incomplete
         self._in_body = False
         self._raw = True          # body bytes pass on framed as they came
-        self._headers: list = []
-        self._reason = b""
+        self._answer_head = b""  # the answer's head as the engine sent it
         self._head_only = False   # the answer to HEAD: it ends with its head
         self._paused = False      # not read: the client takes the answer slower than it comes
 
@@ -113,7 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
         """``decode``: the client may need the body without its chunks (HTTP/1.0); only then
         does the parser hand the body over, which costs a call per read."""
         self.exchange = exchange
-        self._head, self._in_body, self._raw, self._headers = b"", False, True, []
+        self._head, self._in_body, self._raw = b"", False, True
         self._head_only = head_only
         self._parser = httptools.HttpResponseParser(_Decoding(self)) if decode else self._raw_parser
         self.transport.write(data)
@@ -167,7 +166,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head = data
                 return
             self._head, self._in_body = b"", True
-            self._parser.feed_data(data[:end + 4])
+            self._answer_head = data[:end + 4]
+            self._parser.feed_data(self._answer_head)
             data = data[end + 4:]
             if data and self.exchange is exchange:
                 if self._raw:
@@ -180,24 +180,21 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
             exchange.upstream_lost(error)
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason = reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        status = parser.get_status_code()
+        # llhttp has checked the head; its headers are read from the bytes, which costs no
+        # call per header.
+        status = self._parser.get_status_code()
+        head = self._answer_head
+        lower = head.lower()
         if self._head_only or status in (204, 304):
             framing = "none"
-        elif any(name.lower() == b"transfer-encoding" for name, _ in self._headers):
+        elif b"\r\ntransfer-encoding:" in lower:
             framing = "chunked"
-        elif any(name.lower() == b"content-length" for name, _ in self._headers):
+        elif b"\r\ncontent-length:" in lower:
             framing = "length"
         else:
             framing = "close"   # the body ends when the engine closes the connection
-        self._raw = self.exchange.response_head(status, self._reason, self._headers, framing)
+        self._raw = self.exchange.response_head(status, head, lower, framing)
         if self._head_only:
             self.on_message_complete()
 
@@ -231,8 +228,6 @@ class _Decoding:
     """A connection's callbacks with the body's too: for a parser that hands the body over."""
 
     def __init__(self, connection: UpstreamConnection):
-        self.on_status = connection.on_status
-        self.on_header = connection.on_header
         self.on_headers_complete = connection.on_headers_complete
         self.on_body = connection.decoded_body
         self.on_message_complete = connection.on_message_complete
