@@ -5,8 +5,13 @@ a control path is refused, a passive path is forwarded in any state, and work is
 the gate admits it. Requests for autosleepd's own endpoints (/autosleepd/...) go, through the
 same relay, to the aiohttp app that serves them on a private unix socket.
 
-One ``Exchange`` per request, and one task for it; bytes move in the protocols' callbacks, not
-through the task: an answer's body passes on as the engine's reads bring it, framing included.
+One ``Exchange`` per request. Bytes move in the protocols' callbacks: an answer's body passes
+on as the engine's reads bring it, framing included. A request that needs no waiting (engine
+awake, an idle engine connection pooled) is forwarded from the callback that parsed it; only one
+that waits (held, or for a new connection) has a task.
+
+Per-request upstream choice: ``Relay.target`` returns the ``Target`` (connections and gate) for
+an exchange; routing by model would choose there among several.
 """
 
 from __future__ import annotations
@@ -223,14 +228,16 @@ class Exchange:
         if self.head is not None:
             data, self.head = self.head + data, None
             self.head_sent = True
-        transport = self.client.transport
-        if not transport.is_closing():
-            transport.write(data)
+            if self.conn is not None:   # later reads go to the client's socket directly
+                self.conn.sink = self.client.transport
+        self.client.write(data)
 
     def response_flush(self) -> None:
         if self.head is not None:
             self.client.write(self.head)
             self.head, self.head_sent = None, True
+            if self.conn is not None:
+                self.conn.sink = self.client.transport
 
     def response_end(self, reusable: bool) -> None:
         self.response_flush()
@@ -260,7 +267,6 @@ class Exchange:
 class Relay:
     def __init__(self, config: Config, gate: Gate, own: Upstream):
         self.config = config
-        self.gate = gate
         self.engine = Target(Upstream(config.upstream, connect_timeout=config.connect_timeout), gate)
         self.own = Target(own, None)
         self.classify = Classifier(config.blocked_paths, config.passive_paths)

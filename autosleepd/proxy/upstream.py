@@ -103,6 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_body = False
         self._raw = True          # body bytes pass on framed as they came
         self._answer_head = b""  # the answer's head as the engine sent it
+        self.sink = None          # the client's transport, once the answer's head went to it
         self._head_only = False   # the answer to HEAD: it ends with its head
         self._paused = False      # not read: the client takes the answer slower than it comes
 
@@ -112,7 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
         """``decode``: the client may need the body without its chunks (HTTP/1.0); only then
         does the parser hand the body over, which costs a call per read."""
         self.exchange = exchange
-        self._head, self._in_body, self._raw = b"", False, True
+        self._head, self._in_body, self._raw, self.sink = b"", False, True, None
         self._head_only = head_only
         self._parser = httptools.HttpResponseParser(_Decoding(self)) if decode else self._raw_parser
         self.transport.write(data)
@@ -130,13 +131,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def close(self) -> None:
-        self.exchange = None
+        self.exchange = self.sink = None
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         """The exchange is over before its answer ended: the engine must see the request go."""
-        self.exchange = None
+        self.exchange = self.sink = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -155,7 +156,11 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             if self._in_body:   # the common case: a read of the body, passed on as it is
                 if self._raw:
-                    exchange.response_bytes(data)
+                    sink = self.sink
+                    if sink is None:
+                        exchange.response_bytes(data)
+                    elif not sink.is_closing():
+                        sink.write(data)
                 self._parser.feed_data(data)
                 return
             data = self._head + data
@@ -176,7 +181,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self.exchange is exchange:
                 exchange.response_flush()
         except httptools.HttpParserError as error:
-            self.exchange = None
+            self.exchange = self.sink = None
             self.transport.abort()
             exchange.upstream_lost(error)
 
@@ -203,7 +208,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.response_bytes(body)
 
     def on_message_complete(self) -> None:
-        exchange, self.exchange = self.exchange, None
+        exchange, self.exchange, self.sink = self.exchange, None, None
         if exchange is None:
             return
         reusable = self._parser.should_keep_alive() and not self._head_only
@@ -211,7 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.upstream.forget(self)
-        exchange, self.exchange = self.exchange, None
+        exchange, self.exchange, self.sink = self.exchange, None, None
         if exchange is not None:
             exchange.upstream_lost(exc)
 
