@@ -15,9 +15,9 @@ demo: $(VENV)/.installed   ## the simulator with autosleepd in front: a sleep an
 test: $(VENV)/.installed   ## the whole test suite
 	$(VENV)/bin/python -m pytest
 
-# Over 4 minutes (10 s per load cell, a 60 s idle measurement); `bench.py --quick` is shorter.
+# About 10 minutes (the data-path rounds, 10 s per load cell, a 60 s idle measurement); `bench.py --quick` is shorter.
 # `exec`: make's SIGTERM reaches bench.py itself, which stops everything it started.
-bench: $(VENV)/.installed  ## side-by-side benchmarks, over 4 minutes (needs wrk; nginx is compared when present)
+bench: $(VENV)/.installed  ## side-by-side benchmarks, about 10 minutes (needs wrk; nginx is compared when present)
 	$(VENV)/bin/python -m pip install -q -e '.[bench]'
 	$(VENV)/bin/python bench/held_bodies.py && exec $(VENV)/bin/python bench/bench.py
 

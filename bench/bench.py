@@ -7,10 +7,16 @@
 2. Streaming: 200 tokens at 10 ms, the gaps between chunks as the client sees them.
 3. The wake path: bursts of 1, 100 and 1000 requests into a sleeping engine.
 4. Footprint: autosleepd's memory and CPU idle for 60 s and under the load of item 1.
+5. The data path against its goals (run first): CPU per request and per streamed event, the
+   latency added at one connection, the time to first event of 256 concurrent streams, for
+   direct, nginx and autosleepd (and, with --baseline REF, autosleepd as of a git commit), in
+   interleaved rounds; the goals printed as met or not.
 
-Writes bench/results/bench.json, bench/results/bench.md and bench/results/latency.png.
+Writes bench/results/bench.json, bench/results/bench.md, bench/results/data_path.md and
+bench/results/latency.png.
 
-    make bench            (or: .venv/bin/python bench/bench.py [--quick])
+    make bench            (or: .venv/bin/python bench/bench.py [--quick] [--baseline REF]
+                           [--only-data-path])
 """
 
 from __future__ import annotations
@@ -496,7 +502,7 @@ def main() -> int:
     # SIGTERM and SIGHUP end the run like Ctrl-C: the finally below stops every child.
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, lambda number, _: sys.exit(128 + number))
-    print("bench: " + ("short runs" if args.quick else "over 4 minutes (10 s per load cell, "
+    print("bench: " + ("short runs" if args.quick else "about 10 minutes (data-path rounds, 10 s per load cell, "
                        "60 s idle)") + f"; results in {RESULTS}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
