@@ -121,3 +121,14 @@ async def test_a_client_that_does_not_read_stops_the_engine_s_answer_not_autosle
     assert received == engine.size
     writer.close()
     engine.server.close()
+
+
+async def test_an_expectation_other_than_100_continue_gets_417_and_never_reaches_the_engine(
+        make_sim, make_proxy):
+    sim = await make_sim()
+    server = await make_proxy(sim.url)
+    answer = await raw_request(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                               b"Expect: something-else\r\nContent-Length: 2\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 417 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "expectation_failed"
+    assert sim.stats.calls["/v1/completions"] == 0
