@@ -109,6 +109,9 @@ class Config:
     state_file: str | None = None        # where what was learned survives a restart
     passive_paths: frozenset[str] = PASSIVE_PATHS
     blocked_paths: frozenset[str] = CONTROL_PATHS
+    # One port for several engines: (name, URL) pairs; empty: the one engine at ``upstream``
+    engines: tuple[tuple[str, str], ...] = ()
+    keep_alive_max: float = 3600.0       # the longest idle window a request's header may ask for
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Config":
@@ -167,6 +170,8 @@ class Config:
             prewake=read.get("PREWAKE", cls.prewake, _choice(("off", "learned"))),
             prewake_lead=read.get("PREWAKE_LEAD", cls.prewake_lead, _duration),
             state_file=read.get("STATE_FILE", None, _absolute_file),
+            engines=read.get("ENGINES", (), _engines),
+            keep_alive_max=read.get("KEEP_ALIVE_MAX", cls.keep_alive_max, _duration),
             passive_paths=(PASSIVE_PATHS | extra_passive) - extra_blocked,
             blocked_paths=CONTROL_PATHS | extra_blocked,
         )
@@ -187,6 +192,9 @@ class Config:
             config = replace(config, idle_timeout=ladder.first[0], sleep_level=ladder.first[1])
         config = replace(config, timezone=zone, keep_awake=schedule, ladder=ladder)
         _check_recycling(config, env)
+        _check_engines(config, env)
+        if config.engines:
+            config = replace(config, upstream=config.engines[0][1])
         if config.prewake == "learned" and not config.autosleep:
             raise ConfigError(PREFIX + "PREWAKE", "learned", "autosleep on (an idle timeout above 0)")
         return config
@@ -194,6 +202,24 @@ class Config:
     @property
     def autosleep(self) -> bool:
         return self.idle_timeout > 0
+
+    @property
+    def engine_urls(self) -> tuple[tuple[str, str], ...]:
+        """(name, URL) of every engine behind this port; one unnamed engine without ENGINES."""
+        return self.engines or ((self.instance or "engine", self.upstream),)
+
+    def for_engine(self, name: str, url: str) -> "Config":
+        """One engine's configuration on a host of several: its URL, its coordination name and
+        its own learned pre-wake file; every other setting is the host's."""
+        if not self.engines or len(self.engines) == 1:
+            return replace(self, upstream=url)
+        base = self.instance or local_url(self.host, self.port).split("//")[1].replace(":", "-")
+        state_file = None
+        if self.state_file is not None:
+            stem, dot, suffix = self.state_file.rpartition(".")
+            state_file = f"{stem}.{name}.{suffix}" if dot and "/" not in suffix else f"{self.state_file}.{name}"
+        return replace(self, upstream=url, instance=_instance_name(f"{base}-{name}"[:64]),
+                       state_file=state_file)
 
     @property
     def recycling(self) -> bool:
@@ -363,6 +389,45 @@ def _check_recycling(config: Config, env: Mapping[str, str]) -> None:
             raise ConfigError(PREFIX + key, env[PREFIX + key],
                               f"0, or {PREFIX}ENGINE_RESTART_COMMAND set too: recycling restarts "
                               "the engine with it")
+
+
+_ENGINES = PREFIX + "ENGINES"
+
+
+def _engines(raw: str) -> tuple[tuple[str, str], ...]:
+    expected = "name=URL pairs separated by commas, such as qwen=http://127.0.0.1:8000,small=http://127.0.0.1:8001"
+    pairs, seen = [], set()
+    for item in (part.strip() for part in raw.split(",") if part.strip()):
+        name, equals, url = item.partition("=")
+        name = name.strip()
+        if not equals:
+            raise _Invalid(f"{expected} ({item!r} has no '=')")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}", name):
+            raise _Invalid(f"{expected} (engine name {name!r}: letters, digits, '.', '_', '-', at most 48)")
+        if name in seen:
+            raise _Invalid(f"{expected} (engine name {name!r} is given twice)")
+        try:
+            url = _upstream_url(url)
+        except _Invalid as invalid:
+            raise _Invalid(f"{expected} (the URL of {name!r}: {invalid.expected})") from None
+        seen.add(name)
+        pairs.append((name, url))
+    if not pairs:
+        raise _Invalid(expected)
+    return tuple(pairs)
+
+
+def _check_engines(config: Config, env: Mapping[str, str]) -> None:
+    """Settings that name one engine cannot be shared by several."""
+    if not config.engines:
+        return
+    for key in ("UPSTREAM", "ENGINE_PID") if len(config.engines) > 1 else ("UPSTREAM",):
+        if PREFIX + key in env:
+            raise ConfigError(_ENGINES, env[_ENGINES], f"{_ENGINES} or {PREFIX}{key}, not both "
+                              f"({PREFIX}{key} names one engine)")
+    urls = [url for _, url in config.engines]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(_ENGINES, env[_ENGINES], "one URL per engine (two names share one)")
 
 
 def _event_loop(raw: str) -> str:

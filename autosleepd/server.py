@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
-from pathlib import Path
-from zoneinfo import ZoneInfo
+import tempfile
+from dataclasses import replace
 
 import structlog
 from aiohttp import web
@@ -20,18 +21,13 @@ from aiohttp import web
 from .clock import Clock, LoopClock
 from .config import Config, local_url
 from .control.admin import Admin
-from .control.engine import EngineClient
-from .control.restart import CommandRestarter
-from .control.supervisor import Restarter, Supervisor
-from .gpu.guard import MemoryGuard
-from .heap import HeapTrimmer
-from .gpu.neighbours import Coordinator
+from .control.supervisor import Restarter
 from .gpu.readers import GpuReader, HostProcesses, Processes, open_nvml
-from .metrics import Metrics
+from .host import Host, HostedEngine
 from .notify import SystemdNotifier
-from .policy.prewake import PrewakeLearner
 from .proxy.connections import Connection, Limits
-from .proxy.relay import Proxy, defer_continue
+from .proxy.front import Front
+from .proxy.relay import defer_continue
 
 
 RECEIVE_BUFFER = 16 * 1024
@@ -47,49 +43,42 @@ class Autosleepd:
         self._processes = processes
         self._log = structlog.get_logger("autosleepd")
         self.port: int | None = None
+        self._private_dir: str | None = None
 
     async def start(self) -> None:
         config = self.config
-        self.engine = EngineClient(config.upstream, config.connect_timeout, config.upstream_api_key)
-        await self.engine.start()
         gpu = self._gpu or open_nvml()
-        guard = None
         if gpu is None:
             self._log.warning("memory_guard_off", reason="NVML is not available (no GPU or driver "
                               "here): wakes are not checked for GPU memory")
-        else:
-            guard = MemoryGuard(config, gpu, self._processes or HostProcesses())
-        self.metrics = Metrics()
+        shared = replace(config, instance=config.instance or self._instance_name())
+        if len(config.engine_urls) > 1 and config.coordination_dir is None:
+            # Engines of one process evict each other by the same protocol as separate sidecars.
+            self._private_dir = tempfile.mkdtemp(prefix="autosleepd-")
+            shared = replace(shared, coordination_dir=self._private_dir)
+        clock = self._clock or LoopClock()
+        engines = [HostedEngine(name, shared.for_engine(name, url), clock, gpu,
+                                self._processes or HostProcesses(), self._restart)
+                   for name, url in config.engine_urls]
+        self.host = Host(engines)
+        first = engines[0]
+        # The first engine's parts, by the names a single-engine instance has always had.
+        self.engine, self.supervisor, self.proxy = first.client, first.supervisor, first.proxy
+        self.metrics, self.coordinator = first.metrics, first.coordinator
         self.notifier = SystemdNotifier()
-        self.coordinator = None
-        if config.coordination_dir:
-            self.coordinator = Coordinator(config.coordination_dir, self._instance_name(),
-                                           request_timeout=config.sleep_timeout)
-            self.coordinator.prepare()
-        restart = self._restart
-        if restart is None and config.restart_command:
-            restart = CommandRestarter(config.restart_command)
-        learner = None
-        if config.prewake == "learned":
-            learner = PrewakeLearner(ZoneInfo(config.timezone), lead=config.prewake_lead,
-                                     path=Path(config.state_file) if config.state_file else None)
-            if config.state_file is None:
-                self._log.warning("prewake_state_in_memory", hint="set AUTOSLEEPD_STATE_FILE so "
-                                  "what the pre-wake learned survives a restart")
-        self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock(),
-                                     observers=(self.metrics, self.notifier), guard=guard,
-                                     neighbours=self.coordinator, restart=restart, learner=learner)
-        self.supervisor.add_observer(HeapTrimmer(lambda: self.supervisor.admission.idle))
-        self.metrics.watch(self.supervisor.status,
-                           self.coordinator.status if self.coordinator is not None else None)
-        self.proxy = Proxy(config, self.supervisor)
-        self.proxy.observer = self.metrics
-        await self.proxy.start()
-        self.admin = Admin(self.supervisor, config.admin_token, config.sleep_level, self._status)
+        first.supervisor.add_observer(self.notifier)
+        try:
+            for engine in engines:
+                await engine.start()
+        except OSError:
+            await self._close_clients()
+            raise
+        self.admin = Admin(self.host, config.admin_token, config.sleep_level, self._status)
+        self.front = Front(self.host, config)
         app = web.Application()
-        app.router.add_get("/autosleepd/metrics", self.metrics.handle)
+        app.router.add_get("/autosleepd/metrics", self._metrics)
         app.add_routes(self.admin.routes())
-        app.router.add_route("*", "/{path:.*}", self.proxy.handle, expect_handler=defer_continue)
+        app.router.add_route("*", "/{path:.*}", self.front.handle, expect_handler=defer_continue)
         # handler_cancellation: a client that goes away cancels its handler, which takes it out
         # of the queue or closes its upstream request (so vLLM aborts the generation).
         # shutdown_timeout: our own drain has already waited; this only lets the handlers of
@@ -115,50 +104,73 @@ class Autosleepd:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.port = self._listener.sockets[0].getsockname()[1]
         self._tasks = [asyncio.create_task(self.notifier.keep_watchdog_fed())]
-        if self.coordinator is not None:
-            await self.coordinator.serve(self.supervisor, self.url)
-        self._control = asyncio.create_task(self.supervisor.run(), name="autosleepd-control")
+        for engine in engines:
+            await engine.serve(self.url)
+        self._control = (engines[0].control if self.host.single else
+                         asyncio.create_task(_first_to_end([e.control for e in engines]),
+                                             name="autosleepd-control"))
         self.notifier.ready(self.supervisor.state.value)
-        self._log.info("listening", host=config.host, port=self.port, upstream=config.upstream,
-                       idle_timeout_s=config.idle_timeout, sleep_level=config.sleep_level)
+        self._log.info("listening", host=config.host, port=self.port,
+                       engines={e.name: e.config.upstream for e in engines},
+                       upstream=config.upstream, idle_timeout_s=config.idle_timeout,
+                       sleep_level=config.sleep_level)
 
     @property
     def url(self) -> str:
         return local_url(self.config.host, self.port)
 
     async def shutdown(self) -> None:
-        self._log.info("shutting_down", in_flight=self.supervisor.admission.in_flight,
-                       queued=self.supervisor.admission.queued)
+        engines = self.host.engines
+        self._log.info("shutting_down", in_flight=sum(e.supervisor.admission.in_flight for e in engines),
+                       queued=sum(e.supervisor.admission.queued for e in engines))
         self.notifier.stopping()
         self._listener.close()                  # no new connections
-        self.supervisor.close()                 # held requests get 503, new ones too
-        drained = await self.supervisor.wait_drained(self.config.shutdown_timeout)
-        if not drained:
-            self._log.warning("shutdown_timeout", in_flight=self.supervisor.admission.in_flight)
+        for engine in engines:
+            engine.supervisor.close()           # held requests get 503, new ones too
+        drained = await asyncio.gather(*(e.supervisor.wait_drained(self.config.shutdown_timeout)
+                                         for e in engines))
+        if not all(drained):
+            self._log.warning("shutdown_timeout",
+                              in_flight=sum(e.supervisor.admission.in_flight for e in engines))
         self._control.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(self._control, *self._tasks, return_exceptions=True)
-        if self.coordinator is not None:
-            await self.coordinator.close()
+        for engine in engines:
+            await engine.stop()
         await self._runner.cleanup()
-        await self._close_clients()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
         self.notifier.close()
         self._log.info("stopped")
 
-    def _status(self) -> dict:
-        """The wire form of GET /autosleepd/status."""
-        status = self.supervisor.status().to_json()
-        if self.coordinator is not None:
-            status["coordination"] = self.coordinator.status()
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        """One engine's series; on a host of several, ?engine=NAME says which."""
+        name = request.query.get("engine")
+        if name is None and self.host.single:
+            return await self.metrics.handle(request)
+        engine = self.host.by_name.get(name or "")
+        if engine is None:
+            return web.json_response({"error": {
+                "message": f"?engine= names one of {', '.join(self.host.by_name)}: this host "
+                           "serves several engines, and each has its own series",
+                "type": "invalid_request_error", "param": "engine", "code": "unknown_engine"}},
+                status=400 if name is None else 404)
+        return await engine.metrics.handle(request)
+
+    def _status(self, engine: HostedEngine) -> dict:
+        """The wire form of GET /autosleepd/status for one engine."""
+        status = engine.supervisor.status().to_json()
+        if engine.coordinator is not None:
+            status["coordination"] = engine.coordinator.status()
         return status
 
     def _instance_name(self) -> str:
         return self.config.instance or f"{self.config.host.replace(':', '_')}-{self.config.port}"
 
     async def _close_clients(self) -> None:
-        await self.proxy.close()
-        await self.engine.close()
+        for engine in self.host.engines:
+            await engine.close_clients()
 
     async def serve_forever(self) -> int:
         """Run until a signal (exit 0) or a failure of the control loop (exit 1)."""
@@ -184,3 +196,10 @@ class Autosleepd:
             return 1
         await self.shutdown()
         return 0
+
+
+async def _first_to_end(tasks: list[asyncio.Task]) -> None:
+    """Ends (with its error) as soon as one engine's control loop does: none may die silently."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        task.result()

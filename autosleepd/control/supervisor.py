@@ -19,6 +19,7 @@ import structlog
 
 from ..clock import Clock
 from ..config import Config
+from ..policy.pin import PinPlanner
 from ..policy.planner import build_planners
 from .admission import Admission, HoldExpired, why_expired
 from .check import Checker
@@ -51,6 +52,8 @@ class Supervisor:
         self._learner = learner
         self._observers = list(observers)
         self.planners = build_planners(config, learner)
+        self.pins = PinPlanner(config.keep_alive_max)   # pins and keep-alives: a planner's input
+        self.planners.add(self.pins)
         self.checker = Checker(config.wake_check, engine)
         self._log = structlog.get_logger("autosleepd.supervisor")
         # the engine as believed
@@ -150,6 +153,21 @@ class Supervisor:
         except HoldExpired:
             raise OrderFailed(f"the engine did not wake within {self.config.wake_timeout:g}s "
                               f"(state: {self.state.value})") from None
+
+    def pin(self, seconds: float | None) -> None:
+        """Keep the engine awake for ``seconds`` (None: until unpinned); wakes it if asleep."""
+        self.pins.pin(self.clock.now(), self.clock.wall(), seconds)
+        self._log.info("pinned", seconds=seconds)
+        self._changed.set()
+
+    def unpin(self) -> None:
+        self.pins.unpin()
+        self._log.info("unpinned")
+        self._changed.set()
+
+    def keep_alive(self, seconds: float) -> None:
+        """A request asked for a longer idle window (bounded by AUTOSLEEPD_KEEP_ALIVE_MAX)."""
+        self.pins.ask_keep_alive(seconds)
 
     # ----- reading -----------------------------------------------------------------------------
 

@@ -183,11 +183,7 @@ class Proxy:
                        slot: "_UploadSlot | None" = None) -> web.StreamResponse:
         assert self._session is not None
         headers = self._proxy_headers(request)
-        if (request.version >= (1, 1) and not request.get(_CONTINUED)
-                and request.headers.get("Expect", "").lower() == "100-continue"):
-            request[_CONTINUED] = True
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0   # the answer proper has not started
+        await continue_now(request)
         data, limit = await self._request_body(request)
         if slot is not None and data is not None:
             data = slot.carry(request.content.iter_any() if data is request.content else data)
@@ -258,6 +254,9 @@ class Proxy:
     async def _request_body(self, request: web.Request) -> tuple[object, "_BodyLimit | None"]:
         """The body to send upstream: small ones whole (read once, so a retry can resend them),
         the rest streamed and, when their length is unknown, counted against the limit."""
+        routed = request.get(READ_BODY)
+        if routed is not None:   # read whole already, to route by its model
+            return routed, None
         if not request.body_exists:
             return None, None
         if not _streamed(request):
@@ -336,6 +335,16 @@ class _BodyLimit:
 
 
 _CONTINUED = web.RequestKey("continued", bool)   # 100 Continue sent for this request
+READ_BODY = web.RequestKey("read_body", bytes)   # the whole body, read before forwarding
+
+
+async def continue_now(request: web.Request) -> None:
+    """Answer ``Expect: 100-continue`` (once): the body is about to be read."""
+    if (request.version >= (1, 1) and not request.get(_CONTINUED)
+            and request.headers.get("Expect", "").lower() == "100-continue"):
+        request[_CONTINUED] = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0   # the answer proper has not started
 
 
 async def defer_continue(request: web.Request) -> None:

@@ -78,6 +78,7 @@ class SimStats:
     aborted_by_client: int = 0      # work requests whose client went away mid-way
     aborted_by_sleep: int = 0       # requests aborted by /sleep mode=abort
     log: list = field(default_factory=list)   # (monotonic time, method, path, asleep)
+    last_body: bytes | None = None  # the last work request's body, as received
 
     def as_dict(self) -> dict:
         return {"violations": dict(self.violations), "violation_total": sum(self.violations.values()),
@@ -400,6 +401,7 @@ class SimulatedEngine:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         try:
+            self.stats.last_body = await request.read()
             body = await request.json()
             prompt, max_tokens, stream = _parse_completion(request.path, body)
         except (ValueError, KeyError, TypeError) as error:

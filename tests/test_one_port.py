@@ -1,0 +1,260 @@
+"""One port for every engine of a host: routing by model, the host's model list, eviction between
+engines of one process on a shared simulated GPU, pins and keep-alives.
+
+Real simulators and one real autosleepd on loopback; the GPU is the simulator's (``SimGpu``).
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from autosleepd.clock import ManualClock
+from autosleepd.config import Config, ConfigError
+from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
+from autosleepd.sim.gpu import GiB, SimGpu, SimProcesses
+from autosleepd.control.states import State
+
+from .conftest import eventually
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def rig(make_proxy):
+    """Simulated engines (on one simulated GPU when asked) behind one autosleepd port."""
+    made: list[SimulatedEngine] = []
+
+    class Rig:
+        gpu = SimGpu(total=80 * GiB)
+        processes = SimProcesses()
+
+        async def engine(self, model: str, awake: int = 50, asleep: int = 2, shared_gpu: bool = True,
+                         sleeping: bool = False, **settings) -> SimulatedEngine:
+            sim = SimulatedEngine(SimSettings(model=model, awake_bytes=awake * GiB,
+                                              asleep_bytes=asleep * GiB, **settings),
+                                  gpu=self.gpu if shared_gpu else None)
+            await sim.start()
+            made.append(sim)
+            self.processes.add(sim)
+            if sleeping:   # asleep before autosleepd starts, so the next one fits
+                async with aiohttp.ClientSession() as session:
+                    async with session.post(sim.url + "/sleep?level=1") as response:
+                        assert response.status == 200
+            return sim
+
+        async def host(self, names: list[str], sims: list[SimulatedEngine], gpu=True, **overrides):
+            engines = tuple((name, sim.url) for name, sim in zip(names, sims))
+            server = await make_proxy(sims[0].url, engines=engines, admin_token=TOKEN,
+                                      gpu=self.gpu if gpu else None,
+                                      processes=self.processes if gpu else None, **overrides)
+            await eventually(lambda: all(e.models.names for e in server.host.engines),
+                             what="every engine's model names")
+            return server
+
+    yield Rig()
+    for sim in made:
+        await sim.close()
+
+
+async def ask(http, url: str, model: str | None, prompt: str = "hello", headers=None):
+    body = {"prompt": prompt, "max_tokens": 4}
+    if model is not None:
+        body["model"] = model
+    async with http.post(url + "/v1/completions", json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+# ----- routing --------------------------------------------------------------------------------
+
+async def test_two_engines_behind_one_port_each_get_their_model_s_requests(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False)
+    for model, sim in (("beta-model", beta), ("alpha-model", alpha), ("beta-model", beta)):
+        status, body = await ask(http, server.url, model, f"for {model}")
+        assert status == 200 and body["model"] == model
+        assert body["choices"][0]["text"] == expected_text(f"for {model}", 4)
+    assert alpha.stats.calls["/v1/completions"] == 1 and beta.stats.calls["/v1/completions"] == 2
+    # the engine's name is a model name too (before its /v1/models is read, say)
+    assert (await ask(http, server.url, "b"))[0] == 200 and beta.stats.calls["/v1/completions"] == 3
+    async with http.get(server.url + "/v1/models/alpha-model") as response:
+        assert response.status == 200 and (await response.json())["id"] == "alpha-model"
+    async with http.get(server.url + "/v1/models/gamma") as response:
+        assert response.status == 404 and (await response.json())["error"]["code"] == "model_not_found"
+
+
+async def test_the_body_reaches_the_engine_byte_for_byte(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False)
+    raw = b'{ "max_tokens" : 3,\n  "model":"beta-model", "prompt": "caf\\u00e9 \xe2\x98\x95"}'
+    async with http.post(server.url + "/v1/completions", data=raw,
+                         headers={"Content-Type": "application/json", "Expect": "100-continue"}) as response:
+        assert response.status == 200
+    assert beta.stats.last_body == raw
+
+
+async def test_an_unknown_model_gets_404_listing_the_models_and_no_model_gets_400(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False)
+    status, body = await ask(http, server.url, "gamma")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert "'gamma'" in body["error"]["message"]
+    assert "alpha-model, beta-model" in body["error"]["message"]
+    status, body = await ask(http, server.url, None)
+    assert status == 400 and body["error"]["code"] == "model_required"
+    assert "'model' field" in body["error"]["message"]
+    async with http.post(server.url + "/v1/completions", data=b'{"model": ',
+                         headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 400 and "not valid JSON" in (await response.json())["error"]["message"]
+    async with http.post(server.url + "/sleep") as response:
+        assert response.status == 403   # still blocked, whichever engine
+    async with http.get(server.url + "/health") as response:
+        assert response.status == 200   # a path that names no model: the first engine answers
+    assert alpha.stats.calls["/v1/completions"] == beta.stats.calls["/v1/completions"] == 0
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_held(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False, sleeping=True)
+    beta = await rig.engine("beta-model", shared_gpu=False)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False, max_body_size=1024)
+    status, body = await ask(http, server.url, "alpha-model", "x" * 2000)
+    assert status == 413 and "read whole to find their model" in body["error"]["message"]
+    assert alpha.sleeping and alpha.stats.calls["/wake_up"] == 0
+
+
+async def test_v1_models_lists_every_model_while_all_sleep_and_wakes_none(rig, http):
+    alpha = await rig.engine("alpha-model", sleeping=True)
+    beta = await rig.engine("beta-model", awake=40)
+    server = await rig.host(["a", "b"], [alpha, beta])
+    await server.host.by_name["b"].supervisor.order_sleep(1)
+    async with http.get(server.url + "/v1/models") as response:
+        assert response.status == 200
+        listed = (await response.json())["data"]
+    assert [(m["id"], m["engine"], m["state"]) for m in listed] == [
+        ("alpha-model", "a", "asleep"), ("beta-model", "b", "asleep")]
+    assert alpha.sleeping and beta.sleeping
+    assert alpha.stats.calls["/wake_up"] == beta.stats.calls["/wake_up"] == 0
+
+
+async def test_alternating_models_on_one_gpu_each_switch_evicts_the_other(rig, http):
+    alpha = await rig.engine("alpha-model", awake=50, sleeping=True)
+    beta = await rig.engine("beta-model", awake=40)      # 50 + 40 > 80: only one awake at a time
+    # alpha was never seen awake: without the wake size, a wake could not be checked
+    server = await rig.host(["a", "b"], [alpha, beta], wake_memory=50 * GiB)
+    for round_ in range(3):
+        for model, sim, other in (("alpha-model", alpha, beta), ("beta-model", beta, alpha)):
+            status, body = await ask(http, server.url, model, f"{model} round {round_}")
+            assert status == 200, body
+            assert body["model"] == model
+            assert body["choices"][0]["text"] == expected_text(f"{model} round {round_}", 4)
+            assert not sim.sleeping and other.sleeping
+    # nothing reached a sleeping engine (the simulator counts it), no wake ran out of memory
+    assert alpha.stats.violations == {} and beta.stats.violations == {}
+    assert not alpha.zombie and not beta.zombie
+    assert sum(e.coordinator.evictions_done for e in server.host.engines) == 6
+
+
+async def test_three_engines_behind_one_port_evict_the_least_recently_used(rig, http):
+    sims = [await rig.engine(f"m{i}", awake=30, asleep=1, sleeping=i < 2) for i in range(3)]
+    server = await rig.host(["e0", "e1", "e2"], sims, wake_memory=30 * GiB)
+    # 80 GiB holds two awake engines (60) and one asleep, not three awake (90).
+    for turn in [0, 1, 2, 0, 1, 2]:
+        status, body = await ask(http, server.url, f"m{turn}", f"turn {turn}")
+        assert status == 200 and body["model"] == f"m{turn}"
+    assert all(sim.stats.violations == {} and not sim.zombie for sim in sims)
+    assert sims[0].sleeping and not sims[1].sleeping and not sims[2].sleeping
+
+
+# ----- pins and keep-alives ---------------------------------------------------------------------
+
+async def pin(http, server, model: str, duration: str | None = None, headers=ADMIN):
+    body = {"model": model} if duration is None else {"model": model, "duration": duration}
+    async with http.post(server.url + "/autosleepd/pin", json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def test_a_pinned_engine_is_not_evicted_and_unpinning_lets_the_switch_happen(rig, http):
+    alpha = await rig.engine("alpha-model", awake=50, sleeping=True)
+    beta = await rig.engine("beta-model", awake=40)
+    server = await rig.host(["a", "b"], [alpha, beta], wake_timeout=0.5, wake_memory=50 * GiB)
+    status, answer = await pin(http, server, "beta-model", headers={})
+    assert status == 401
+    status, answer = await pin(http, server, "beta-model", "1h")
+    assert status == 200 and answer["pin"]["in_seconds"] == 3600.0
+    status, body = await ask(http, server.url, "alpha-model")
+    assert status == 503 and body["error"]["code"] == "no_gpu_memory"
+    assert not beta.sleeping and beta.stats.calls["/sleep"] == 0
+    assert alpha.stats.calls["/wake_up"] == 0
+    assert server.host.by_name["a"].coordinator.evictions_asked >= 1   # asked, and it refused
+    async with http.post(server.url + "/autosleepd/unpin", json={"model": "beta-model"},
+                         headers=ADMIN) as response:
+        assert response.status == 200 and (await response.json())["pin"] is None
+    status, body = await ask(http, server.url, "alpha-model")
+    assert status == 200, body
+    assert beta.sleeping and alpha.stats.violations == beta.stats.violations == {}
+
+
+async def test_a_pin_blocks_the_idle_sleep_until_it_ends(rig, http):
+    clock = ManualClock()
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False, clock=clock, idle_timeout=300)
+    a, b = server.host.by_name["a"].supervisor, server.host.by_name["b"].supervisor
+    assert (await pin(http, server, "alpha-model", "1h"))[0] == 200
+    clock.advance(600)
+    await b.wait_for(State.ASLEEP, timeout=5)      # the unpinned one sleeps on time
+    assert a.state is State.AWAKE and not alpha.sleeping
+    assert "pin until" in a.status().to_json()["next_transition"]["what"]
+    clock.advance(3000)
+    await a.wait_for(State.ASLEEP, timeout=5)      # 3,600 s after the pin
+    assert alpha.sleeping and a.pins.to_json(clock.now()) is None
+
+
+async def test_pinning_an_asleep_engine_wakes_it(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False, sleeping=True)
+    beta = await rig.engine("beta-model", shared_gpu=False)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False)
+    status, answer = await pin(http, server, "a")   # by engine name; no duration: until unpinned
+    assert status == 200 and answer["pin"]["text"] == "pinned until unpinned"
+    await server.host.by_name["a"].supervisor.wait_for(State.AWAKE, timeout=5)
+    assert not alpha.sleeping
+
+
+async def test_the_keep_alive_header_extends_that_engine_s_idle_window_within_its_bound(rig, http):
+    clock = ManualClock()
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False, clock=clock, idle_timeout=300,
+                            keep_alive_max=1800)
+    a, b = server.host.by_name["a"].supervisor, server.host.by_name["b"].supervisor
+    assert (await ask(http, server.url, "beta-model", headers={"X-Autosleepd-Keep-Alive": "10h"}))[0] == 200
+    assert (await ask(http, server.url, "alpha-model"))[0] == 200
+    assert b.pins.keep_alive == 1800                # asked 10 h, bounded by KEEP_ALIVE_MAX
+    clock.advance(600)
+    await a.wait_for(State.ASLEEP, timeout=5)
+    assert b.state is State.AWAKE
+    clock.advance(1300)
+    await b.wait_for(State.ASLEEP, timeout=5)
+    assert b.pins.keep_alive == 0                   # one awake spell only
+    status, body = await ask(http, server.url, "beta-model", headers={"X-Autosleepd-Keep-Alive": "soon"})
+    assert status == 400 and body["error"]["code"] == "bad_keep_alive"
+
+
+# ----- configuration ----------------------------------------------------------------------------
+
+def test_engines_are_read_from_one_variable_and_bad_ones_are_named():
+    config = Config.from_env({"AUTOSLEEPD_ENGINES": "qwen=http://127.0.0.1:8000/, small=http://127.0.0.1:8001"})
+    assert config.engines == (("qwen", "http://127.0.0.1:8000"), ("small", "http://127.0.0.1:8001"))
+    assert config.upstream == "http://127.0.0.1:8000"
+    for raw, said in (("qwen", "has no '='"), ("q=http://a:1,q=http://b:1", "given twice"),
+                      ("q=ftp://x", "the URL of 'q'"), ("a b=http://x:1", "engine name 'a b'"),
+                      ("a=http://x:1,b=http://x:1", "one URL per engine")):
+        with pytest.raises(ConfigError, match="AUTOSLEEPD_ENGINES") as error:
+            Config.from_env({"AUTOSLEEPD_ENGINES": raw})
+        assert said in str(error.value)
+    with pytest.raises(ConfigError, match="AUTOSLEEPD_UPSTREAM, not both"):
+        Config.from_env({"AUTOSLEEPD_ENGINES": "a=http://x:1", "AUTOSLEEPD_UPSTREAM": "http://y:2"})
