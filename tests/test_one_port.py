@@ -6,6 +6,9 @@ Real simulators and one real autosleepd on loopback; the GPU is the simulator's 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import aiohttp
 import pytest
 
@@ -15,7 +18,10 @@ from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
 from autosleepd.sim.gpu import GiB, SimGpu, SimProcesses
 from autosleepd.control.states import State
 
-from .conftest import eventually
+from .conftest import FakeEngine, eventually, settle
+from .test_observability import cli
+from .test_policy import Guard
+
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -258,3 +264,94 @@ def test_engines_are_read_from_one_variable_and_bad_ones_are_named():
         assert said in str(error.value)
     with pytest.raises(ConfigError, match="AUTOSLEEPD_UPSTREAM, not both"):
         Config.from_env({"AUTOSLEEPD_ENGINES": "a=http://x:1", "AUTOSLEEPD_UPSTREAM": "http://y:2"})
+
+
+# ----- the host view ----------------------------------------------------------------------------
+
+async def test_the_host_view_shows_each_engine_s_models_state_memory_use_held_work_and_plan(rig, http):
+    alpha = await rig.engine("alpha-model", awake=50, sleeping=True, wake_seconds=0.3)
+    beta = await rig.engine("beta-model", awake=20)
+    server = await rig.host(["a", "b"], [alpha, beta], idle_timeout=300)
+    assert (await pin(http, server, "beta-model", "2h"))[0] == 200
+    held = asyncio.create_task(ask(http, server.url, "alpha-model", "held"))
+    a = server.host.by_name["a"].supervisor
+    await eventually(lambda: a.admission.queued == 1, what="the request held")
+    async with http.get(server.url + "/autosleepd/host") as response:
+        engines = {e["name"]: e for e in (await response.json())["engines"]}
+    assert engines["a"]["models"] == ["alpha-model"] and engines["a"]["held"] == 1
+    assert engines["a"]["state"] == "waking" and engines["a"]["upstream"] == alpha.url
+    assert engines["b"]["state"] == "awake" and engines["b"]["pin"]["in_seconds"] == 7200.0
+    assert engines["b"]["gpu_memory_awake_bytes"] == 20 * GiB
+    assert "pin until" in engines["b"]["next_transition"]["what"]
+    assert (await held)[0] == 200
+    await server.host.by_name["a"].supervisor.order_sleep(2)
+    async with http.get(server.url + "/autosleepd/host?history=1") as response:
+        engines = {e["name"]: e for e in (await response.json())["engines"]}
+    assert engines["a"]["state"] == "asleep" and engines["a"]["sleep_level"] == 2
+    assert engines["a"]["gpu_memory_awake_bytes"] == 50 * GiB
+    assert engines["a"]["gpu_memory_asleep_bytes"] == 2 * GiB
+    assert [h["state"] for h in engines["a"]["history"]] == [
+        "starting", "asleep", "waking", "awake", "falling_asleep", "asleep"]
+    assert "history" in engines["b"] and engines["a"]["pin"] is None
+
+
+async def test_status_health_and_metrics_name_the_engine_on_a_host_of_several(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False, sleeping=True)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False)
+    async with http.get(server.url + "/autosleepd/status") as response:
+        assert response.status == 400 and "alpha-model, beta-model" in (await response.json())["error"]["message"]
+    async with http.get(server.url + "/autosleepd/status?model=beta-model") as response:
+        assert response.status == 200 and (await response.json())["state"] == "asleep"
+    async with http.get(server.url + "/autosleepd/healthz") as response:
+        assert (await response.json())["engines"] == {"a": "awake", "b": "asleep"}
+    async with http.post(server.url + "/autosleepd/wake?model=b", headers=ADMIN) as response:
+        assert response.status == 200 and not beta.sleeping
+    async with http.get(server.url + "/autosleepd/metrics?engine=b") as response:
+        assert response.status == 200
+        assert 'autosleepd_wakes_total{level="1",reason="manual"} 1.0' in await response.text()
+    async with http.get(server.url + "/autosleepd/metrics") as response:
+        assert response.status == 400 and "?engine=" in (await response.json())["error"]["message"]
+
+
+async def test_ps_pin_and_unpin_on_the_command_line(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False, sleeping=True)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False, idle_timeout=300)
+    env = {"AUTOSLEEPD_URL": server.url, "AUTOSLEEPD_ADMIN_TOKEN": TOKEN}
+    code, out, _ = await cli("pin", "alpha-model", "1h", **env)
+    assert code == 0 and out.startswith("a: the pin until ") and "(awake)" in out
+    code, out, _ = await cli("ps", **env)
+    header, row_a, row_b = out.splitlines()
+    assert header.split()[:4] == ["ENGINE", "MODELS", "STATE", "LEVEL"]
+    assert row_a.split()[:3] == ["a", "alpha-model", "awake"] and row_a.endswith("59m left")
+    assert row_b.split()[:4] == ["b", "beta-model", "asleep", "1"] and row_b.endswith("-")
+    code, out, _ = await cli("unpin", "a", **env)
+    assert code == 0 and out == "a: not pinned (awake)\n"
+    code, _, err = await cli("pin", "gamma", **env)
+    assert code == 1 and "404" in err and "alpha-model, beta-model" in err
+    code, _, err = await cli("pin", "beta-model", "soon", **env)
+    assert code == 1 and "duration='soon' is invalid" in err
+    assert server.host.by_name["b"].supervisor.pins.until is None
+
+
+# ----- pins as a planner input ------------------------------------------------------------------
+
+async def test_a_pin_pre_empts_the_ladder_and_the_engine_goes_down_it_once_unpinned(supervisors):
+    engine, clock = FakeEngine(), ManualClock()
+    config = dataclasses.replace(Config.from_env({"AUTOSLEEPD_LADDER": "5m:1,1h:2"}), probe_interval=3600)
+    supervisor = await supervisors(config, engine, clock, guard=Guard(room=True))
+    clock.advance(300)
+    await settle()
+    assert supervisor.state is State.ASLEEP and engine.level == 1
+    supervisor.pin(7200)
+    await settle()
+    assert supervisor.state is State.AWAKE and engine.count("wake") == 1   # pinned: woken
+    for _ in range(6):                     # 1 h 40 idle: past both rungs, still pinned
+        clock.advance(1000)
+        await settle()
+    assert supervisor.state is State.AWAKE and engine.count("sleep") == 1
+    clock.advance(1200)                    # the pin ends, both rungs long past: down the ladder
+    await settle()
+    assert supervisor.state is State.ASLEEP and engine.level == 2
+    assert [call[1] for call in engine.calls if call[0] == "sleep"] == [1, 1, 2]
