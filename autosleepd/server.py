@@ -28,6 +28,7 @@ from .notify import SystemdNotifier
 from .proxy.connections import Connection, Limits
 from .proxy.front import Front
 from .proxy.relay import defer_continue
+from .ui import add_page_routes
 
 
 RECEIVE_BUFFER = 16 * 1024
@@ -77,6 +78,7 @@ class Autosleepd:
         self.front = Front(self.host, config)
         app = web.Application()
         app.router.add_get("/autosleepd/metrics", self._metrics)
+        add_page_routes(app)
         app.add_routes(self.admin.routes())
         app.router.add_route("*", "/{path:.*}", self.front.handle, expect_handler=defer_continue)
         # handler_cancellation: a client that goes away cancels its handler, which takes it out
