@@ -34,6 +34,10 @@ from .ui import add_page_routes
 RECEIVE_BUFFER = 16 * 1024
 
 
+class StartError(Exception):
+    """autosleepd cannot start here; the message says why and what to set."""
+
+
 class Autosleepd:
     def __init__(self, config: Config, clock: Clock | None = None, gpu: GpuReader | None = None,
                  processes: Processes | None = None, restart: Restarter | None = None):
@@ -55,7 +59,12 @@ class Autosleepd:
         shared = replace(config, instance=config.instance or self._instance_name())
         if len(config.engine_urls) > 1 and config.coordination_dir is None:
             # Engines of one process evict each other by the same protocol as separate sidecars.
-            self._private_dir = tempfile.mkdtemp(prefix="autosleepd-")
+            try:
+                self._private_dir = tempfile.mkdtemp(prefix="autosleepd-")
+            except OSError as error:
+                raise StartError(f"cannot make the engines' coordination directory in "
+                                 f"{tempfile.gettempdir()} ({error.strerror}): set "
+                                 "AUTOSLEEPD_COORDINATION_DIR to a writable directory") from None
             shared = replace(shared, coordination_dir=self._private_dir)
         clock = self._clock or LoopClock()
         engines = [HostedEngine(name, shared.for_engine(name, url), clock, gpu,

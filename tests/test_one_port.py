@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,12 +21,14 @@ from autosleepd.config import Config, ConfigError
 from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
 from autosleepd.sim.gpu import GiB, SimGpu, SimProcesses
 from autosleepd.control.states import State
+from autosleepd.server import Autosleepd, StartError
 
-from .conftest import FakeEngine, eventually, settle
+from .conftest import FakeEngine, NoGpu, eventually, settle
 from .test_observability import cli
 from .test_policy import Guard
 
 
+ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "0123456789abcdef0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -314,6 +320,21 @@ async def test_status_health_and_metrics_name_the_engine_on_a_host_of_several(ri
         assert response.status == 400 and "?engine=" in (await response.json())["error"]["message"]
 
 
+async def test_engine_health_names_the_broken_engine_so_only_it_is_restarted(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False, sleeping=True)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False, wake_timeout=0.5)
+    beta.fail_next("/wake_up", body='{"error": {"message": "CUDA Error: out of memory", '
+                                    '"type": "InternalServerError", "code": 500}}')
+    async with http.post(server.url + "/autosleepd/wake?engine=b", headers=ADMIN) as response:
+        assert response.status == 503
+    await server.host.by_name["b"].supervisor.wait_for(State.BROKEN, timeout=5)
+    for query, code in (("", 503), ("?engine=a", 200), ("?engine=b", 503), ("?engine=c", 404)):
+        async with http.get(server.url + "/autosleepd/engine-healthz" + query) as response:
+            assert response.status == code, query
+    assert (await ask(http, server.url, "alpha-model"))[0] == 200   # the other engine serves on
+
+
 async def test_ps_pin_and_unpin_on_the_command_line(rig, http):
     alpha = await rig.engine("alpha-model", shared_gpu=False)
     beta = await rig.engine("beta-model", shared_gpu=False, sleeping=True)
@@ -355,3 +376,24 @@ async def test_a_pin_pre_empts_the_ladder_and_the_engine_goes_down_it_once_unpin
     await settle()
     assert supervisor.state is State.ASLEEP and engine.level == 2
     assert [call[1] for call in engine.calls if call[0] == "sleep"] == [1, 1, 2]
+
+
+async def test_a_host_that_cannot_make_its_coordination_directory_says_what_to_set(tmp_path, monkeypatch):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_directory))
+    config = dataclasses.replace(Config(), host="127.0.0.1", port=0,
+                                 engines=(("a", "http://127.0.0.1:9"), ("b", "http://127.0.0.1:10")))
+    with pytest.raises(StartError, match="set AUTOSLEEPD_COORDINATION_DIR to a writable directory"):
+        await Autosleepd(config, gpu=NoGpu()).start()
+
+
+async def test_the_gpu_script_s_simulator_mode_passes_every_check(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bench" / "gpu_one_port.py"), "--sim", "--rounds", "1",
+        "--out", str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, out.decode() + err.decode()
+    result = json.loads((tmp_path / "gpu-one-port-sim-level1.json").read_text())
+    assert result["pass"] and len(result["switches"]) == 2 and result["evictions_done"] >= 2
+    assert "| every answer correct | yes |" in (tmp_path / "gpu-one-port-sim-level1.md").read_text()

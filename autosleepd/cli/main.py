@@ -13,7 +13,7 @@ import structlog
 
 from .. import __version__, log
 from ..config import Config, ConfigError, parse_duration, parse_size, unknown_variables
-from ..server import Autosleepd
+from ..server import Autosleepd, StartError
 from . import remote
 
 
@@ -135,6 +135,9 @@ async def _serve(config: Config) -> int:
     server = Autosleepd(config)
     try:
         await server.start()
+    except StartError as error:
+        print(f"autosleepd: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"autosleepd: cannot listen on {config.host}:{config.port} "
               f"(AUTOSLEEPD_HOST/AUTOSLEEPD_PORT): {error.strerror or error}", file=sys.stderr)

@@ -57,16 +57,21 @@ class Admin:
         return web.json_response({"ok": True, "engines": states})
 
     async def engine_healthz(self, request: web.Request) -> web.Response:
-        """For orchestrators: 503 once an engine is broken and needs a restart; never wakes one."""
-        broken = {e.name: e.supervisor.stats.broken_reason for e in self.host.engines
-                  if e.supervisor.broken}
-        status = 503 if broken else 200
-        if self.host.single:
-            supervisor = self.host.engines[0].supervisor
+        """For orchestrators: 503 once the engine is broken and needs a restart; never wakes it.
+        On a host of several, ``?engine=NAME`` asks about one (else: 503 if any is broken)."""
+        named = request.query.get("engine") or request.query.get("model")
+        if named is not None or self.host.single:
+            engine = self._engine(named)
+            if isinstance(engine, web.Response):
+                return engine
+            supervisor = engine.supervisor
+            status = 503 if supervisor.broken else 200
             return web.json_response({"ok": status == 200, "state": supervisor.state.value,
                                       "broken_reason": supervisor.stats.broken_reason},
                                      status=status)
-        return web.json_response({"ok": status == 200, "broken": broken}, status=status)
+        broken = {e.name: e.supervisor.stats.broken_reason for e in self.host.engines
+                  if e.supervisor.broken}
+        return web.json_response({"ok": not broken, "broken": broken}, status=503 if broken else 200)
 
     async def host_view(self, request: web.Request) -> web.Response:
         """Every engine: its models, state, memory, last use, held work, next transition, pin."""
