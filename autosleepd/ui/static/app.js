@@ -79,6 +79,7 @@ async function order(path, body, button) {
     }
   } finally {
     pending.delete(key);
+    polls = 0;   // the order changed states: read the history again at once
     document.getElementById("forget").hidden = !sessionStorage.getItem(TOKEN_KEY);
     refresh();
   }
@@ -121,7 +122,12 @@ function card(engine) {
 function timelineRow(engine, now) {
   const bar = el("div", { class: "bar" });
   const start = now - DAY_MS;
-  const history = engine.history ?? [];
+  // The day's history is fetched now and then; the state since then is known from each poll.
+  const history = [...(histories.get(engine.name) ?? [])];
+  const since = now / 1000 - engine.state_seconds;
+  if (!history.length || history[history.length - 1].state !== engine.state) {
+    history.push({ at: since, state: engine.state, reason: "now" });
+  }
   history.forEach((entry, i) => {
     const from = Math.max(entry.at * 1000, start);
     const to = i + 1 < history.length ? history[i + 1].at * 1000 : now;
@@ -136,6 +142,9 @@ function timelineRow(engine, now) {
 }
 
 let busy = false;
+let polls = 0;
+const HISTORY_EVERY = 15;        // polls between two reads of the day's history (it can be long)
+const histories = new Map();     // engine name -> its transitions over the last day
 
 function render(host) {
   const engines = document.getElementById("engines");
@@ -149,9 +158,12 @@ async function refresh() {
   if (busy) return;
   busy = true;
   try {
-    const response = await fetch("host?history=1", { cache: "no-store" });
+    const withHistory = polls++ % HISTORY_EVERY === 0;
+    const response = await fetch(withHistory ? "host?history=1" : "host", { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    render(await response.json());
+    const host = await response.json();
+    if (withHistory) for (const engine of host.engines) histories.set(engine.name, engine.history);
+    render(host);
     if (document.getElementById("error").dataset.source === "poll") showError("", "poll");
   } catch (error) {
     showError(`cannot read the host view: ${error.message}`, "poll");
