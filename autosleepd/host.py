@@ -61,6 +61,7 @@ class ModelNames(Observer):
         self._client = client
         self._log = structlog.get_logger("autosleepd.host").bind(engine=name)
         self.names: tuple[str, ...] = ()
+        self.on_change = None   # the host's check that no two engines claim one name
         self._task: asyncio.Task | None = None
 
     def transition(self, old: State, new: State, reason: str, seconds: float) -> None:
@@ -79,7 +80,9 @@ class ModelNames(Observer):
             return
         if names != self.names:
             self._log.info("models_learned", models=list(names))
-        self.names = names
+            self.names = names
+            if self.on_change is not None:
+                self.on_change()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -182,6 +185,20 @@ class Host:
     def __init__(self, engines: list[HostedEngine]):
         self.engines = engines
         self.by_name = {engine.name: engine for engine in engines}
+        for engine in engines:
+            engine.models.on_change = self._check_names
+
+    def _check_names(self) -> None:
+        """A model two engines serve goes to the first listed: say so, once per change."""
+        claimed: dict[str, list[str]] = {}
+        for engine in self.engines:
+            for name in set(engine.models.names) | {engine.name}:
+                claimed.setdefault(name, []).append(engine.name)
+        for model, engines in claimed.items():
+            if len(engines) > 1:
+                structlog.get_logger("autosleepd.host").warning(
+                    "model_served_twice", model=model, engines=engines,
+                    hint=f"requests for it go to {engines[0]}, the first listed in AUTOSLEEPD_ENGINES")
 
     @property
     def single(self) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from autosleepd.clock import ManualClock
 from autosleepd.config import Config, ConfigError
@@ -397,3 +398,14 @@ async def test_the_gpu_script_s_simulator_mode_passes_every_check(tmp_path):
     result = json.loads((tmp_path / "gpu-one-port-sim-level1.json").read_text())
     assert result["pass"] and len(result["switches"]) == 2 and result["evictions_done"] >= 2
     assert "| every answer correct | yes |" in (tmp_path / "gpu-one-port-sim-level1.md").read_text()
+
+
+async def test_a_model_two_engines_serve_goes_to_the_first_listed_with_a_warning(rig, http):
+    first = await rig.engine("same-model", shared_gpu=False)
+    second = await rig.engine("same-model", shared_gpu=False)
+    with capture_logs() as logs:
+        server = await rig.host(["a", "b"], [first, second], gpu=False)
+    assert (await ask(http, server.url, "same-model"))[0] == 200
+    assert first.stats.calls["/v1/completions"] == 1 and second.stats.calls["/v1/completions"] == 0
+    warnings = [log for log in logs if log["event"] == "model_served_twice"]
+    assert warnings and warnings[-1]["engines"] == ["a", "b"] and warnings[-1]["model"] == "same-model"
