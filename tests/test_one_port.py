@@ -109,6 +109,19 @@ async def test_the_body_reaches_the_engine_byte_for_byte(rig, http):
     assert beta.stats.last_body == raw
 
 
+async def test_an_audio_upload_is_routed_by_its_form_s_model_field(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False)
+    form = aiohttp.FormData()
+    form.add_field("file", b"RIFF" + bytes(5000), filename="speech.wav", content_type="audio/wav")
+    form.add_field("model", "beta-model")
+    async with http.post(server.url + "/v1/audio/transcriptions", data=form) as response:
+        await response.read()   # the simulator has no audio endpoint: what matters is who got it
+    assert beta.stats.calls["/v1/audio/transcriptions"] == 1
+    assert alpha.stats.calls["/v1/audio/transcriptions"] == 0
+
+
 async def test_an_unknown_model_gets_404_listing_the_models_and_no_model_gets_400(rig, http):
     alpha = await rig.engine("alpha-model", shared_gpu=False)
     beta = await rig.engine("beta-model", shared_gpu=False)
