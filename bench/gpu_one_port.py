@@ -64,7 +64,7 @@ class VllmBackend:
 
     def prepare(self) -> list[str]:
         notes = []
-        for _, shape, _ in ENGINES:
+        for _, shape in ENGINES:
             model = MODELS / shape
             if not any(model.glob("*.safetensors")):
                 subprocess.run([sys.executable, str(MODELS.parent / "gen_weights.py"), str(model)], check=True)
