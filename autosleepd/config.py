@@ -94,6 +94,11 @@ class Config:
     memory_poll: float = 0.25            # how often free memory is re-read while waiting for it
     restart_command: str | None = None   # runs when the engine is broken (a failed wake)
     restart_backoff: float = 10.0        # before re-running it for an engine still broken; doubles
+    # The ladder's stop rung: commands that stop and start the engine's process
+    stop_command: str | None = None
+    start_command: str | None = None
+    engine_stop_timeout: float = 120.0   # the stop command, then until the port refuses
+    engine_start_timeout: float = 600.0  # the start command, then until /health answers and the check
     # Recycling (a restart while asleep and idle) against residual-memory drift; 0: off
     recycle_residue_growth: int = 2 * 2**30   # memory left asleep, grown past the first cycle's
     recycle_after_cycles: int = 0        # sleep/wake cycles since the engine started
@@ -157,6 +162,12 @@ class Config:
             memory_poll=read.get("MEMORY_POLL", cls.memory_poll, _positive_duration),
             restart_command=read.get("ENGINE_RESTART_COMMAND", None, _optional_text),
             restart_backoff=read.get("RESTART_BACKOFF", cls.restart_backoff, _positive_duration),
+            stop_command=read.get("ENGINE_STOP_COMMAND", None, _optional_text),
+            start_command=read.get("ENGINE_START_COMMAND", None, _optional_text),
+            engine_stop_timeout=read.get("ENGINE_STOP_TIMEOUT", cls.engine_stop_timeout,
+                                         _positive_duration),
+            engine_start_timeout=read.get("ENGINE_START_TIMEOUT", cls.engine_start_timeout,
+                                          _positive_duration),
             recycle_residue_growth=read.get("RECYCLE_RESIDUE_GROWTH", cls.recycle_residue_growth,
                                             _size),
             recycle_after_cycles=read.get("RECYCLE_AFTER_CYCLES", cls.recycle_after_cycles,
@@ -187,6 +198,7 @@ class Config:
             config = replace(config, idle_timeout=ladder.first[0], sleep_level=ladder.first[1])
         config = replace(config, timezone=zone, keep_awake=schedule, ladder=ladder)
         _check_recycling(config, env)
+        _check_stop_rung(config, env)
         if config.prewake == "learned" and not config.autosleep:
             raise ConfigError(PREFIX + "PREWAKE", "learned", "autosleep on (an idle timeout above 0)")
         return config
@@ -365,6 +377,27 @@ def _check_recycling(config: Config, env: Mapping[str, str]) -> None:
                               "the engine with it")
 
 
+def _check_stop_rung(config: Config, env: Mapping[str, str]) -> None:
+    """A stop rung needs both commands; a Kubernetes sidecar given none cannot stop its engine."""
+    if config.ladder is None or config.ladder.stop_after is None:
+        return
+    missing = [PREFIX + name for name, value in (("ENGINE_STOP_COMMAND", config.stop_command),
+                                                 ("ENGINE_START_COMMAND", config.start_command))
+               if value is None]
+    if not missing:
+        return
+    if "KUBERNETES_SERVICE_HOST" in env and len(missing) == 2:
+        raise ConfigError(PREFIX + "LADDER", env[PREFIX + "LADDER"],
+                          "no 'stop' rung here: autosleepd runs in a Kubernetes pod "
+                          "(KUBERNETES_SERVICE_HOST is set) and has no command to stop and start "
+                          "its engine; a sidecar cannot stop the container beside it. End the "
+                          "ladder with a sleep rung (5m:1,2h:2), or set "
+                          f"{PREFIX}ENGINE_STOP_COMMAND and {PREFIX}ENGINE_START_COMMAND")
+    raise ConfigError(PREFIX + "LADDER", env[PREFIX + "LADDER"],
+                      f"a 'stop' rung only with {' and '.join(missing)} set (the commands that "
+                      "stop and start the engine's process, such as 'systemctl stop vllm@NAME')")
+
+
 def _event_loop(raw: str) -> str:
     value = _choice(("auto", "uvloop", "asyncio"))(raw)
     if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
@@ -391,7 +424,7 @@ def _ladder(raw: str) -> Ladder:
     try:
         return Ladder.parse(raw, parse_duration)
     except ValueError as error:
-        raise _Invalid(f"rungs such as '5m:1,2h:2' ({error})") from None
+        raise _Invalid(f"rungs such as '5m:1,2h:2' or '5m:1,2h:2,12h:stop' ({error})") from None
 
 
 def _absolute_file(raw: str) -> str:

@@ -68,6 +68,13 @@ class Metrics(Observer):
         self.restarts = Counter("autosleepd_engine_restarts_total",
                                 "Runs of the restart command for a broken engine, by outcome.",
                                 ["outcome"], registry=r)
+        self.stops = Counter("autosleepd_engine_stops_total",
+                             "Engine processes stopped at the ladder's stop rung.", registry=r)
+        self.starts = Counter("autosleepd_engine_starts_total",
+                              "Starts of a stopped engine, by outcome.", ["outcome"], registry=r)
+        self.start_seconds = Histogram("autosleepd_engine_start_duration_seconds",
+                                       "A cold start: the start command, /health, the check.",
+                                       buckets=TRANSITION_BUCKETS, registry=r)
         for reason in (*Refused.REASONS, "blocked_path"):
             self.refused.labels(reason)
         self._read_status: Callable[[], Status] | None = None
@@ -105,6 +112,14 @@ class Metrics(Observer):
 
     def restarted(self, ok: bool) -> None:
         self.restarts.labels("ok" if ok else "failed").inc()
+
+    def engine_stopped(self, seconds: float) -> None:
+        self.stops.inc()
+
+    def engine_started(self, ok: bool, seconds: float) -> None:
+        self.starts.labels("ok" if ok else "failed").inc()
+        if ok:
+            self.start_seconds.observe(seconds)
 
     def held_abandoned(self) -> None:
         self.abandoned.inc()

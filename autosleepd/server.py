@@ -68,7 +68,8 @@ class Autosleepd:
             self.coordinator.prepare()
         restart = self._restart
         if restart is None and config.restart_command:
-            restart = CommandRestarter(config.restart_command)
+            restart = CommandRestarter(config.restart_command,
+                                       secrets=(config.upstream_api_key, config.admin_token))
         learner = None
         if config.prewake == "learned":
             learner = PrewakeLearner(ZoneInfo(config.timezone), lead=config.prewake_lead,

@@ -80,6 +80,12 @@ def summary(status: dict) -> str:
         f"wakes:      {status['wakes']} (last took {secs(status['last_wake_seconds'])}, "
         f"{status['wake_failures']} failed)",
     ]
+    if status.get("stops") or status.get("starts") or status.get("start_failures"):
+        lines.append(f"stops:      {status['stops']} (last took {secs(status['last_stop_seconds'])}, "
+                     f"{status['stop_failures']} failed); starts: {status['starts']} (last took "
+                     f"{secs(status['last_start_seconds'])}, {status['start_failures']} failed)")
+    if status.get("start_failure"):
+        lines.append(f"start failed: {status['start_failure']}")
     if status.get("next_transition"):
         upcoming = status["next_transition"]
         lines.append(f"next:       {upcoming['what']}, at {upcoming['at']} (in {upcoming['in_seconds']:g}s)")

@@ -74,6 +74,9 @@ class Prober:
         self.asked = self.gate_closed = False
         self.next_check = self._clock.now() + CHECK_GAP
         if isinstance(sleeping, EngineError):
+            if owner.state is State.STOPPED:   # stopped on purpose: nothing to report
+                self.next_probe = self._clock.now() + owner.config.probe_interval
+                return
             self._unreachable(sleeping)
             owner.apply(Event.PROBE_FAILED, error=str(sleeping))
             return

@@ -2,6 +2,7 @@
 changes the state (llama-swap #946: a decision taken on a stale view deadlocked).
 
 - What may happen is in ``states.py`` (the table); this file decides *when* and applies it.
+- The slow procedures (``sleep.py``, ``wake.py``, ``stop.py``) return outcomes.
 - The proxy calls ``admit``/``release`` and reports what it sees (``engine_unreachable``,
   ``stalled``); admin endpoints and neighbours place orders; planners (``policy/``) say what is
   due; the two slow procedures (``sleep.py``, ``wake.py``) return outcomes; the loop (``run``)
@@ -29,6 +30,7 @@ from .sleep import fall_asleep, level_for_host_ram
 from .states import ON_ENTER, Event, Outcome, State, next_state
 from .status import Stats, Status
 from .planned import carry_out
+from .stop import start_engine, stop_engine
 from .wake import wake_engine
 
 RESTART_BACKOFF_MAX = 300.0   # re-running the restart command for an engine still broken
@@ -72,6 +74,8 @@ class Supervisor:
         self._restart_delay = config.restart_backoff
         self._next_restart = clock.now()
         self._recycled = False              # the engine was restarted by a recycle: sleep it again
+        self._start_delay = config.restart_backoff   # after a failed start, before the next; doubles
+        self._next_start = clock.now()
         self._transitioned = asyncio.Event()
 
     # ----- the proxy ---------------------------------------------------------------------------
@@ -85,6 +89,9 @@ class Supervisor:
             return
         if self.closing:
             raise self._refuse("shutting_down", "autosleepd is shutting down")
+        refused = self._start_backoff()
+        if refused is not None:
+            raise refused
         if self.admission.queued >= self.config.max_queue:
             raise self._refuse("queue_full", f"{self.admission.queued} requests are already "
                                f"waiting for the engine (AUTOSLEEPD_MAX_QUEUE={self.config.max_queue})")
@@ -132,7 +139,7 @@ class Supervisor:
                 return
             raise OrderFailed(f"the engine already sleeps at level {self.asleep_level}; "
                               "wake it before sleeping at another level")
-        if self.state in (State.STARTING, State.UNAVAILABLE, State.BROKEN):
+        if self.state in (State.STARTING, State.UNAVAILABLE, State.BROKEN, State.STOPPED):
             raise OrderFailed(f"the engine is {self.state.value}")
         if self._sleep_order is not None and self._sleep_order.level != level:
             raise OrderFailed(f"a sleep at level {self._sleep_order.level} is already under way")
@@ -145,6 +152,9 @@ class Supervisor:
         """Wake the engine; returns once awake. Raises ``OrderFailed``."""
         if self.state is State.AWAKE:
             return
+        refused = self._start_backoff()
+        if refused is not None:
+            raise OrderFailed(refused.message)
         try:
             await self.admission.hold(work=False, deadline=self.clock.now() + self.config.wake_timeout)
         except HoldExpired:
@@ -221,6 +231,8 @@ class Supervisor:
     def _decide(self):
         """What the loop does next: (coroutine function, None), or (None, when to look again)."""
         now, state = self.clock.now(), self.state
+        if state is State.STOPPED:
+            return self._decide_stopped(now)
         if state in (State.STARTING, State.UNAVAILABLE, State.BROKEN):
             self._settle_order(OrderFailed(f"the engine is {state.value}"))
             if state is State.BROKEN and self.restart_pending and now >= self._next_restart:
@@ -252,11 +264,34 @@ class Supervisor:
             return self.prober.run, None
         return None, at if planned is None else min(planned.at, at)
 
+    def _decide_stopped(self, now: float):
+        self._settle_order(OrderFailed("the engine is stopped (the ladder's stop rung); a request "
+                                       "or a wake starts it"))
+        self.prober.asked = self.prober.gate_closed = False   # a closed port is expected here
+        if self.admission.waiting and now >= self._next_start:
+            why = Event.REQUEST if self.admission.queued else Event.MANUAL_WAKE
+            return (lambda: self.launch(why)), None
+        at = self.prober.next_probe
+        if now >= at:
+            return self.prober.run, None
+        return None, min(at, self._next_start) if self.admission.waiting else at
+
+    def _start_backoff(self) -> Refused | None:
+        """After a failed start, work is refused at once until the next start may be tried."""
+        if self.state is not State.STOPPED or self.stats.start_failure is None:
+            return None
+        left = self._next_start - self.clock.now()
+        if left <= 0:
+            return None
+        return self._refuse("engine_start_failed", "the engine is stopped and its last start "
+                            f"failed: {self.stats.start_failure}; the next start is tried in "
+                            f"{left:.0f}s", retry_after=left)
+
     # ----- acting: each ends by applying an event -----------------------------------------------
 
     async def found_awake(self) -> None:
         """The probe found the engine awake (a fresh one, or one woken behind our back)."""
-        fresh = self.state in (State.STARTING, State.UNAVAILABLE)
+        fresh = self.state in (State.STARTING, State.UNAVAILABLE, State.STOPPED)
         if fresh and not self._recycled:
             self.admission.last_work_end = self.clock.now()   # the idle window starts now
         self._recycled = False   # a recycled engine goes back to sleep at once
@@ -345,12 +380,52 @@ class Supervisor:
         self._restart_delay = min(self._restart_delay * 2, RESTART_BACKOFF_MAX)
         self.prober.next_probe = self.clock.now()
 
+    async def stop(self) -> None:
+        """The ladder's stop rung: the stop command, then the engine must be gone."""
+        self.apply(Event.STOP)
+        outcome = await stop_engine(self)
+        if outcome.event is not Event.FOUND_AWAKE:
+            self.stats.record(outcome)
+        if outcome.event is Event.ENGINE_STOPPED:
+            self.asleep_level = None
+            self.tell("engine_stopped", outcome.seconds)
+        elif outcome.event is Event.FOUND_AWAKE:
+            self.admission.last_work_end = self.clock.now()
+        self._apply_outcome(outcome, Event.STOP)
+
+    async def launch(self, event: Event) -> None:
+        """Start a stopped engine for the work (or manual wake) waiting for it."""
+        self.apply(event)
+        outcome = await start_engine(self)
+        self.stats.record(outcome)
+        now = self.clock.now()
+        if outcome.event is Event.START_FAILED:
+            self._next_start = now + self._start_delay
+            self._start_delay = min(self._start_delay * 2, RESTART_BACKOFF_MAX)
+            self.tell("engine_started", False, outcome.seconds)
+        else:
+            self._start_delay = self.config.restart_backoff
+            self.cycles, self.asleep_level = 0, None
+            self.admission.last_work_end = now
+            if outcome.event is Event.ENGINE_STARTED:
+                self.tell("engine_started", True, outcome.seconds)
+            elif outcome.event is Event.FOUND_ASLEEP:
+                self.asleep_level = await self.prober.level_found()
+            elif outcome.event is Event.CHECK_FAILED:
+                self.stats.check_failures += 1
+                self.stats.broken_reason = outcome.detail
+        self._apply_outcome(outcome, event)
+        if self.state is State.AWAKE and self.guard is not None:
+            await self.guard.learn(awake=True)
+
     def _apply_outcome(self, outcome: Outcome, order: Event) -> None:
         details = {"sleep_level": outcome.level}
         if outcome.detail is not None:
-            details["error" if outcome.event not in (Event.WOKE, Event.SLEPT) else "detail"] = outcome.detail
+            details["error" if outcome.event not in (Event.WOKE, Event.SLEPT, Event.ENGINE_STOPPED)
+                    else "detail"] = outcome.detail
         if outcome.engine_seconds is not None:
             details["engine_wake_s"] = round(outcome.engine_seconds, 4)
+        details["exit_status"] = outcome.exit_status
         self.apply(outcome.event, order=order.reason, **details)
 
     # ----- the one place the state changes ------------------------------------------------------
@@ -387,6 +462,15 @@ class Supervisor:
 
     def probe_soon(self) -> None:
         self.prober.soon()
+
+    def answer_held_after_failed_start(self) -> None:
+        refused = self._start_backoff()
+        if refused is not None:
+            self.admission.refuse_all(refused)
+
+    def probe_later(self) -> None:
+        """A stopped engine is read now and then: an operator may start it by hand."""
+        self.prober.next_probe = self.clock.now() + self.config.probe_interval
 
     # ----- small mechanics ----------------------------------------------------------------------
 

@@ -1,0 +1,334 @@
+"""The ladder's stop rung: the engine's process stopped and started by operator commands.
+
+The commands are real shell commands (curl) that reach a small launcher, which kills and starts a
+simulated vLLM on a fixed port, as ``systemctl stop/start vllm@NAME`` would. The supervisor runs
+on a manual clock, so twelve idle hours pass in milliseconds; a start can be held back (the
+launcher's gate) to play a slow cold start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from autosleepd.cli.remote import summary
+from autosleepd.clock import ManualClock
+from autosleepd.config import Config, ConfigError
+from autosleepd.control.states import State
+from autosleepd.server import Autosleepd
+from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
+from autosleepd.sim.gpu import SimGpu, SimProcesses
+
+from .conftest import completion, eventually
+
+
+class Launcher:
+    """What a stop and a start command reach: kills, or starts, the one simulated engine."""
+
+    def __init__(self, engine: SimulatedEngine):
+        self.engine = engine
+        self.gate = asyncio.Event()    # closed: a start is launched but the engine loads slowly
+        self.gate.set()
+        self.starts = self.stops = 0
+        self._loading: asyncio.Task | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def open(self) -> None:
+        app = web.Application()
+        app.router.add_post("/start", self._start)
+        app.router.add_post("/stop", self._stop)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    def command(self, what: str) -> str:
+        return f"curl -fsS -X POST http://127.0.0.1:{self.port}/{what}"
+
+    async def _start(self, request: web.Request) -> web.Response:
+        self.starts += 1
+        self._loading = asyncio.create_task(self._load())
+        if self.gate.is_set():
+            await self._loading   # a fast engine: up by the time the command returns
+        return web.Response(text="started\n")
+
+    async def _load(self) -> None:
+        await self.gate.wait()
+        if not self.engine.listening:
+            await self.engine.start()
+
+    async def _stop(self, request: web.Request) -> web.Response:
+        self.stops += 1
+        await self.engine.kill()
+        return web.Response(text="stopped\n")
+
+    async def close(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+        await self._runner.cleanup()
+        await self.engine.close()
+
+
+LADDER = "5m:1,2h:2,12h:stop"
+
+
+@pytest.fixture
+async def rig(tmp_path):
+    made = []
+
+    async def make(ladder: str = LADDER, stop: str | None = None, start: str | None = None,
+                   **overrides):
+        gpu = SimGpu()
+        engine = SimulatedEngine(SimSettings(), gpu=gpu)
+        await engine.start()
+        launcher = Launcher(engine)
+        await launcher.open()
+        env = {"AUTOSLEEPD_LADDER": ladder,
+               "AUTOSLEEPD_ENGINE_STOP_COMMAND": stop or launcher.command("stop"),
+               "AUTOSLEEPD_ENGINE_START_COMMAND": start or launcher.command("start"),
+               "AUTOSLEEPD_ENGINE_RESTART_COMMAND": f"echo restart >> {tmp_path}/restarts"}
+        settings = dict(upstream=engine.url, host="127.0.0.1", port=0, wake_timeout=600.0,
+                        probe_interval=3600.0)
+        config = dataclasses.replace(Config.from_env(env), **{**settings, **overrides})
+        clock = ManualClock()
+        server = Autosleepd(config, clock=clock, gpu=gpu, processes=SimProcesses(engine))
+        await server.start()
+        made.append((server, launcher))
+        await server.supervisor.wait_for(State.AWAKE, timeout=5)
+        return Rig(server, launcher, clock, tmp_path)
+
+    yield make
+    for server, launcher in made:
+        assert not server._control.done(), server._control   # the control loop never dies
+        await server.shutdown()
+        await launcher.close()
+
+
+@dataclasses.dataclass
+class Rig:
+    server: Autosleepd
+    launcher: Launcher
+    clock: ManualClock
+    tmp: object
+
+    @property
+    def supervisor(self):
+        return self.server.supervisor
+
+    async def idle_until(self, seconds: float, predicate, what: str) -> None:
+        """Let idle time pass up to ``seconds`` after the last work, a minute at a time."""
+        target = self.supervisor.admission.last_work_end + seconds
+        while self.clock.now() < target:
+            self.clock.advance(min(60.0, target - self.clock.now()))
+            await asyncio.sleep(0)
+        try:
+            await eventually(predicate, what=what)
+        except AssertionError:
+            raise AssertionError(f"{what}: {self.supervisor.status()}") from None
+
+    async def ask(self, http, prompt: str = "hello world") -> tuple[int, dict, dict]:
+        async with http.post(self.server.url + "/v1/completions",
+                             json=completion(prompt)) as response:
+            return response.status, dict(response.headers), await response.json()
+
+    def restarts(self) -> int:
+        path = os.path.join(self.tmp, "restarts")
+        return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+async def test_the_ladder_walks_level_one_two_and_stop_and_a_request_at_each_rung_is_served(rig, http):
+    r = await rig()
+    s = r.supervisor
+    asleep_at = lambda level: lambda: s.state is State.ASLEEP and s.asleep_level == level  # noqa: E731
+    for rung, reached in ((1, asleep_at(1)), (2, asleep_at(2)), ("stop", lambda: s.state is State.STOPPED)):
+        await r.idle_until(300, asleep_at(1), "level 1 after 5 idle minutes")
+        if rung != 1:
+            await r.idle_until(7200, asleep_at(2), "level 2 after 2 idle hours")
+        if rung == "stop":
+            await r.idle_until(12 * 3600, reached, "the engine stopped after 12 idle hours")
+            assert not r.launcher.engine.listening            # its process is gone
+            assert s.status().to_json()["stops"] == 1
+        status, _, body = await r.ask(http, f"rung {rung}")
+        assert status == 200 and body["choices"][0]["text"] == expected_text(f"rung {rung}", 4)
+        assert s.state is State.AWAKE
+    assert r.launcher.stops == 1 and r.launcher.starts == 1   # one stop, one start for it
+    stats = s.status().to_json()
+    assert stats["starts"] == 1 and stats["last_start_seconds"] is not None
+    assert r.restarts() == 0                                  # stopped is not broken
+    assert r.launcher.engine.stats.violations == {}          # nothing reached it asleep
+    metrics = await (await http.get(r.server.url + "/autosleepd/metrics")).text()
+    assert "autosleepd_engine_stops_total 1.0" in metrics
+    assert 'autosleepd_engine_starts_total{outcome="ok"} 1.0' in metrics
+
+
+async def test_many_requests_to_a_stopped_engine_share_one_start(rig, http):
+    r = await rig(ladder="5m:1,1h:stop")
+    await r.idle_until(3600, lambda: r.supervisor.state is State.STOPPED, "stopped")
+    r.launcher.gate.clear()
+    asks = [asyncio.create_task(r.ask(http, f"user {i}")) for i in range(20)]
+    await eventually(lambda: r.supervisor.admission.queued == 20, what="all 20 held")
+    r.launcher.gate.set()
+    r.clock.advance(1.0)   # the next /health poll finds it up
+    answers = await asyncio.gather(*asks)
+    assert [a[0] for a in answers] == [200] * 20
+    assert [a[2]["choices"][0]["text"] for a in answers] == [expected_text(f"user {i}", 4) for i in range(20)]
+    assert r.launcher.starts == 1
+
+
+async def test_a_start_command_that_fails_answers_503_then_backs_off(rig, http):
+    r = await rig(ladder="5m:1,1h:stop")
+    failing = f"echo run >> {r.tmp}/starts; echo 'Failed to start vllm@qwen.service: Unit not found.' >&2; exit 5"
+    await r.idle_until(3600, lambda: r.supervisor.state is State.STOPPED, "stopped")
+    r.server.supervisor.config = dataclasses.replace(r.supervisor.config, start_command=failing)
+    held = [asyncio.create_task(r.ask(http, f"user {i}")) for i in range(3)]
+    answers = await asyncio.gather(*held)
+    for status, headers, body in answers:
+        assert status == 503 and body["error"]["code"] == "engine_start_failed"
+        assert "exited with status 5" in body["error"]["message"]
+        assert headers["Retry-After"] == "10"                # AUTOSLEEPD_RESTART_BACKOFF
+    assert len(open(f"{r.tmp}/starts").readlines()) == 1    # one start for all three
+    assert r.supervisor.state is State.STOPPED
+    status, headers, body = await r.ask(http)                # within the backoff: no new start
+    assert status == 503 and body["error"]["code"] == "engine_start_failed"
+    assert len(open(f"{r.tmp}/starts").readlines()) == 1
+    json_status = r.supervisor.status().to_json()
+    assert json_status["state"] == "stopped" and json_status["start_failures"] == 1
+    assert "exited with status 5" in json_status["start_failure"]
+    assert "start failed: AUTOSLEEPD_ENGINE_START_COMMAND exited with status 5" in summary(json_status)
+    r.clock.advance(10)
+    status, headers, body = await r.ask(http)                # backoff over: tried again
+    assert status == 503 and headers["Retry-After"] == "20"  # and the backoff doubled
+    assert len(open(f"{r.tmp}/starts").readlines()) == 2
+    r.supervisor.config = dataclasses.replace(r.supervisor.config,
+                                              start_command=r.launcher.command("start"))
+    r.clock.advance(20)
+    status, _, body = await r.ask(http, "at last")
+    assert status == 200 and body["choices"][0]["text"] == expected_text("at last", 4)
+    assert r.restarts() == 0
+
+
+async def test_a_slow_start_past_the_hold_timeout_answers_retry_after_from_the_measured_start(rig, http):
+    r = await rig(ladder="5m:1,1h:stop", wake_timeout=30.0)
+    s = r.supervisor
+
+    async def cold_start(prompt: str):
+        await r.idle_until(3600, lambda: s.state is State.STOPPED, "stopped")
+        r.launcher.gate.clear()
+        asked = asyncio.create_task(r.ask(http, prompt))
+        await eventually(lambda: s.state is State.LAUNCHING and r.launcher.starts, what="launching")
+        return asked
+
+    first = await cold_start("first")
+    for _ in range(8):                                      # 40 s of loading
+        r.clock.advance(5)
+        await asyncio.sleep(0)
+    status, headers, body = await first
+    assert status == 503 and body["error"]["code"] == "wake_timeout"
+    assert "cold start" in body["error"]["message"] and "AUTOSLEEPD_WAKE_TIMEOUT" in body["error"]["message"]
+    second = asyncio.create_task(r.ask(http, "second"))     # arrives while it still loads
+    await eventually(lambda: s.admission.queued == 1, what="the second held")
+    r.launcher.gate.set()
+    await eventually(lambda: r.launcher.engine.listening, what="the engine up")
+    r.clock.advance(5)                                      # the next /health poll, 45 s in
+    status, _, body = await second
+    assert status == 200 and body["choices"][0]["text"] == expected_text("second", 4)
+    assert s.stats.last_start_seconds == 45.0
+
+    third = await cold_start("third")
+    r.clock.advance(30)                                     # its hold timeout
+    status, headers, body = await third
+    assert status == 503 and headers["Retry-After"] == "15"   # 45 s measured, 30 s waited
+    assert "the last took 45s" in body["error"]["message"]
+    r.launcher.gate.set()
+
+
+async def test_a_stop_command_that_fails_leaves_the_engine_asleep_and_is_retried_later(rig, http):
+    r = await rig(ladder="5m:1,1h:stop", stop="echo 'Access denied' >&2; exit 1")
+    s = r.supervisor
+    await r.idle_until(3600, lambda: s.stats.stop_failures == 1, "the stop failed")
+    assert s.state is State.ASLEEP and s.asleep_level == 1 and r.launcher.engine.listening
+    assert "exited with status 1" in s.status().to_json()["last_error"]
+    r.clock.advance(299)
+    await asyncio.sleep(0.05)
+    assert s.stats.stop_failures == 1                        # no hammering
+    r.clock.advance(1)
+    await eventually(lambda: s.stats.stop_failures == 2, what="the stop tried again after 5 minutes")
+    status, _, body = await r.ask(http)                      # the asleep engine still serves
+    assert status == 200 and s.state is State.AWAKE
+    assert r.restarts() == 0
+
+
+async def test_an_engine_started_by_hand_while_stopped_is_followed_not_restarted(rig, http):
+    r = await rig(ladder="5m:1,1h:stop")
+    s = r.supervisor
+    await r.idle_until(3600, lambda: s.state is State.STOPPED, "stopped")
+    await r.launcher.engine.start()                          # an operator: systemctl start
+    r.clock.advance(3600)                                    # the next probe
+    await eventually(lambda: s.state is State.AWAKE, what="found awake")
+    status, _, _ = await r.ask(http)
+    assert status == 200 and r.launcher.starts == 0 and r.restarts() == 0
+
+
+async def test_a_manual_wake_starts_a_stopped_engine(rig, http):
+    r = await rig(ladder="5m:1,1h:stop")
+    await r.idle_until(3600, lambda: r.supervisor.state is State.STOPPED, "stopped")
+    async with http.post(r.server.url + "/autosleepd/wake") as response:
+        assert response.status == 200
+    assert r.supervisor.state is State.AWAKE and r.launcher.starts == 1
+
+
+# ----- configuration ----------------------------------------------------------------------------
+
+COMMANDS = {"AUTOSLEEPD_ENGINE_STOP_COMMAND": "systemctl stop vllm@qwen",
+            "AUTOSLEEPD_ENGINE_START_COMMAND": "systemctl start vllm@qwen"}
+
+
+def test_a_stop_rung_is_read_as_the_ladders_end():
+    config = Config.from_env({"AUTOSLEEPD_LADDER": "5m:1,2h:2,12h:stop", **COMMANDS})
+    assert config.ladder.rungs == ((300, 1), (7200, 2)) and config.ladder.stop_after == 43200
+    assert config.engine_start_timeout == 600
+
+
+@pytest.mark.parametrize("ladder, env, named", [
+    ("5m:1,12h:stop,13h:2", COMMANDS, "can only be the last rung"),
+    ("12h:stop", COMMANDS, "no sleep rung before 'stop'"),
+    ("5m:1,2h:2,1h:stop", COMMANDS, "longer idle time"),
+    ("5m:1,12h:stop", {}, "AUTOSLEEPD_ENGINE_STOP_COMMAND and AUTOSLEEPD_ENGINE_START_COMMAND"),
+    ("5m:1,12h:stop", {"AUTOSLEEPD_ENGINE_STOP_COMMAND": "kill 1"}, "with AUTOSLEEPD_ENGINE_START_COMMAND set"),
+    ("5m:1,12h:stop", {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, "Kubernetes pod"),
+])
+def test_a_stop_rung_that_cannot_work_is_a_config_error(ladder, env, named):
+    with pytest.raises(ConfigError, match="AUTOSLEEPD_LADDER") as error:
+        Config.from_env({"AUTOSLEEPD_LADDER": ladder, **env})
+    assert named in str(error.value)
+
+
+def test_a_kubernetes_sidecar_with_a_stop_rung_exits_2_at_start():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
+    env.update({"AUTOSLEEPD_PORT": "1", "AUTOSLEEPD_LADDER": "5m:1,12h:stop",
+                "KUBERNETES_SERVICE_HOST": "10.96.0.1"})
+    result = subprocess.run([sys.executable, "-m", "autosleepd"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "AUTOSLEEPD_LADDER" in result.stderr and "Kubernetes pod" in result.stderr
+
+
+async def test_the_commands_output_is_logged_with_secrets_masked(rig, http):
+    key = "sk-0123456789abcdef0123"
+    r = await rig(ladder="5m:1,1h:stop", upstream_api_key=key,
+                  stop="echo stopping with key sk-0123456789abcdef0123 >&2; exit 1")
+    with capture_logs() as logs:
+        await r.idle_until(3600, lambda: r.supervisor.stats.stop_failures == 1, "the stop failed")
+    failed = [e for e in logs if e["event"] == "engine_stop_command_failed"]
+    assert failed and failed[0]["exit_status"] == 1
+    assert "stopping with key ***" in failed[0]["output"]
+    assert key not in repr(logs) and key not in repr(r.supervisor.status().to_json())
