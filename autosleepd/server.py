@@ -26,6 +26,7 @@ from .control.supervisor import Restarter, Supervisor
 from .gpu.guard import MemoryGuard
 from .heap import HeapTrimmer
 from .gpu.neighbours import Coordinator
+from .gpu.power import PowerMeter
 from .gpu.readers import GpuReader, HostProcesses, Processes, open_nvml
 from .metrics import Metrics
 from .notify import SystemdNotifier
@@ -77,9 +78,15 @@ class Autosleepd:
             if config.state_file is None:
                 self._log.warning("prewake_state_in_memory", hint="set AUTOSLEEPD_STATE_FILE so "
                                   "what the pre-wake learned survives a restart")
-        self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock(),
+        clock = self._clock or LoopClock()
+        self.supervisor = Supervisor(config, self.engine, clock,
                                      observers=(self.metrics, self.notifier), guard=guard,
                                      neighbours=self.coordinator, restart=restart, learner=learner)
+        self.power = None
+        if guard is not None:
+            self.power = PowerMeter(guard, clock, self.supervisor.idle_seconds)
+            self.supervisor.power = self.power
+            self.supervisor.add_observer(self.power)
         self.supervisor.add_observer(HeapTrimmer(lambda: self.supervisor.admission.idle))
         self.metrics.watch(self.supervisor.status,
                            self.coordinator.status if self.coordinator is not None else None)
@@ -116,6 +123,8 @@ class Autosleepd:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.port = self._listener.sockets[0].getsockname()[1]
         self._tasks = [asyncio.create_task(self.notifier.keep_watchdog_fed())]
+        if self.power is not None:
+            self._tasks.append(asyncio.create_task(self.power.run(), name="autosleepd-power"))
         if self.coordinator is not None:
             await self.coordinator.serve(self.supervisor, self.url)
         self._control = asyncio.create_task(self.supervisor.run(), name="autosleepd-control")

@@ -86,6 +86,12 @@ def summary(status: dict) -> str:
                      f"{secs(status['last_start_seconds'])}, {status['start_failures']} failed)")
     if status.get("start_failure"):
         lines.append(f"start failed: {status['start_failure']}")
+    power = status.get("power")
+    if power and power.get("watts") is not None:
+        idle = power["awake_idle_watts"]
+        lines.append(f"power:      {power['watts']:g} W now (awake idle: "
+                     f"{'not measured yet' if idle is None else f'{idle:g} W'}); saved "
+                     f"{power['saved_wh']:g} Wh against staying awake")
     if status.get("next_transition"):
         upcoming = status["next_transition"]
         lines.append(f"next:       {upcoming['what']}, at {upcoming['at']} (in {upcoming['in_seconds']:g}s)")

@@ -104,6 +104,7 @@ class Status:
     next_transition: Planned | None = None
     prewakes_used: int | None = None
     prewakes_wasted: int | None = None
+    power: dict | None = None      # the engine's GPU draw, energy per state, saving (gpu/power.py)
     # Not on the wire: for planners, which work in clock time.
     now: float = field(default=0.0, repr=False)
     wall: float = field(default=0.0, repr=False)
@@ -143,4 +144,5 @@ class Status:
             "next_transition": upcoming,
             "prewakes_used": self.prewakes_used,
             "prewakes_wasted": self.prewakes_wasted,
+            "power": self.power,
         }

@@ -51,6 +51,7 @@ class Supervisor:
         self.config, self.engine, self.clock = config, engine, clock
         self.guard, self.neighbours, self._restart = guard, neighbours, restart
         self._learner = learner
+        self.power = None                   # the GPU power meter (gpu/power.py), when NVML is there
         self._observers = list(observers)
         self.planners = build_planners(config, learner)
         self.checker = Checker(config.wake_check, engine)
@@ -170,6 +171,11 @@ class Supervisor:
     def now(self) -> float:
         return self.clock.now()
 
+    def idle_seconds(self) -> float:
+        """Since the last work ended; 0 while any is in flight or held."""
+        a = self.admission
+        return max(0.0, self.clock.now() - a.last_work_end) if a.idle else 0.0
+
     def add_observer(self, observer: Observer) -> None:
         self._observers.append(observer)
 
@@ -185,12 +191,13 @@ class Supervisor:
             sleep_level=self.asleep_level if self.state is State.ASLEEP else config.sleep_level,
             sleep_supported=self.sleep_supported, autosleep=config.autosleep,
             idle_timeout_seconds=config.idle_timeout,
-            idle_seconds=0.0 if not a.idle else max(0.0, now - a.last_work_end),
+            idle_seconds=self.idle_seconds(),
             in_flight=a.in_flight, queued=a.queued, upstream=config.upstream,
             stats=replace(self.stats, config_error=self.checker.config_error),
             waiting_for_memory=(None if self.memory_wait is None else
                                 {k: v for k, v in self.memory_wait.items() if k != "text"}),
             memory=memory, residual_bytes=residue, cycles=self.cycles,
+            power=self.power.status() if self.power is not None else None,
             prewakes_used=learner.used if learner else None,
             prewakes_wasted=learner.wasted if learner else None,
             now=now, wall=self.clock.wall())

@@ -1,4 +1,6 @@
-"""The ladder's stop rung: the engine's process stopped and started by operator commands.
+"""Deep idle: the ladder's stop rung, the GPU's power and energy per state, the chosen level.
+
+The stop rung: the engine's process stopped and started by operator commands.
 
 The commands are real shell commands (curl) that reach a small launcher, which kills and starts a
 simulated vLLM on a fixed port, as ``systemctl stop/start vllm@NAME`` would. The supervisor runs
@@ -21,6 +23,7 @@ from structlog.testing import capture_logs
 from autosleepd.cli.remote import summary
 from autosleepd.clock import ManualClock
 from autosleepd.config import Config, ConfigError
+from autosleepd.gpu.readers import NvmlReader
 from autosleepd.control.states import State
 from autosleepd.server import Autosleepd
 from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
@@ -86,9 +89,10 @@ async def rig(tmp_path):
     made = []
 
     async def make(ladder: str = LADDER, stop: str | None = None, start: str | None = None,
-                   **overrides):
-        gpu = SimGpu()
-        engine = SimulatedEngine(SimSettings(), gpu=gpu)
+                   sim: dict | None = None, energy_counter: bool = True, **overrides):
+        clock = ManualClock()
+        gpu = SimGpu(clock=clock if energy_counter else None)
+        engine = SimulatedEngine(SimSettings(**(sim or {})), gpu=gpu)
         await engine.start()
         launcher = Launcher(engine)
         await launcher.open()
@@ -99,7 +103,6 @@ async def rig(tmp_path):
         settings = dict(upstream=engine.url, host="127.0.0.1", port=0, wake_timeout=600.0,
                         probe_interval=3600.0)
         config = dataclasses.replace(Config.from_env(env), **{**settings, **overrides})
-        clock = ManualClock()
         server = Autosleepd(config, clock=clock, gpu=gpu, processes=SimProcesses(engine))
         await server.start()
         made.append((server, launcher))
@@ -127,9 +130,10 @@ class Rig:
     async def idle_until(self, seconds: float, predicate, what: str) -> None:
         """Let idle time pass up to ``seconds`` after the last work, a minute at a time."""
         target = self.supervisor.admission.last_work_end + seconds
+        meter = self.server.power
         while self.clock.now() < target:
             self.clock.advance(min(60.0, target - self.clock.now()))
-            await asyncio.sleep(0)
+            await eventually(lambda: meter.read_until >= self.clock.now(), what="a power reading")
         try:
             await eventually(predicate, what=what)
         except AssertionError:
@@ -332,3 +336,81 @@ async def test_the_commands_output_is_logged_with_secrets_masked(rig, http):
     assert failed and failed[0]["exit_status"] == 1
     assert "stopping with key ***" in failed[0]["output"]
     assert key not in repr(logs) and key not in repr(r.supervisor.status().to_json())
+
+
+# ----- power ----------------------------------------------------------------------------------
+
+# Draws above the bare GPU's 77.5 W: awake idle 121.2 W in all, level 1 122.5 W, level 2 117.5 W.
+DRAWS = {"awake_idle_watts": 43.7, "asleep_watts": {1: 45.0, 2: 40.0}}
+
+
+async def test_energy_is_counted_per_state_and_the_saving_from_measured_draws(rig, http):
+    r = await rig(sim=DRAWS)
+    s = r.supervisor
+    await r.idle_until(300, lambda: s.state is State.ASLEEP, "level 1")
+    power = s.status().power
+    assert power["awake_idle_watts"] == 121.2                  # learned while awake and idle
+    await r.idle_until(7200, lambda: s.asleep_level == 2 and s.state is State.ASLEEP, "level 2")
+    await r.idle_until(12 * 3600, lambda: s.state is State.STOPPED, "stopped")
+    await r.idle_until(13 * 3600, lambda: True, "an hour stopped")
+    power = s.status().power
+    assert power["watts"] == 77.5
+    assert power["source"] == "energy counter"
+    assert power["energy_wh"]["awake"] == pytest.approx(300 * 121.2 / 3600, abs=1e-3)
+    assert power["energy_wh"]["asleep"] == pytest.approx((6900 * 122.5 + 36000 * 117.5) / 3600, abs=1e-3)
+    assert power["energy_wh"]["stopped"] == pytest.approx(3600 * 77.5 / 3600, abs=1e-3)
+    # Level 1 drew 1.3 W more than idling awake (a loss); level 2 3.7 W less; stopped 43.7 W less.
+    saved = 6900 * (121.2 - 122.5) + 36000 * (121.2 - 117.5) + 3600 * (121.2 - 77.5)
+    assert power["saved_wh"] == pytest.approx(saved / 3600, abs=1e-3)
+    metrics = await (await http.get(r.server.url + "/autosleepd/metrics")).text()
+    assert 'autosleepd_gpu_power_watts{gpu="GPU-sim-0"} 77.5' in metrics
+    assert "autosleepd_gpu_awake_idle_watts 121.2" in metrics
+    assert 'autosleepd_gpu_energy_watt_hours_total{state="stopped"} 77.5' in metrics
+    assert f"autosleepd_energy_saved_watt_hours {round(saved / 3600, 4)}" in metrics
+    assert "77.5 W now (awake idle: 121.2 W)" in summary(s.status().to_json())
+
+
+async def test_without_an_energy_counter_energy_comes_from_the_power_readings(rig):
+    r = await rig(ladder="5m:1,1h:stop", sim=DRAWS, energy_counter=False)
+    s = r.supervisor
+    await r.idle_until(3600, lambda: s.state is State.STOPPED, "stopped")
+    await r.idle_until(4200, lambda: True, "ten minutes stopped")
+    power = s.status().power
+    assert power["source"] == "power readings"
+    assert power["energy_wh"]["asleep"] == pytest.approx(3300 * 122.5 / 3600, abs=1e-3)
+    assert power["energy_wh"]["stopped"] == pytest.approx(600 * 77.5 / 3600, abs=1e-3)
+
+
+async def test_nothing_counts_as_saved_before_the_awake_idle_draw_is_measured(rig):
+    r = await rig(ladder="5s:1,1h:stop", sim=DRAWS)           # asleep before 10 idle seconds
+    s = r.supervisor
+    await r.idle_until(5, lambda: s.state is State.ASLEEP, "asleep")
+    await r.idle_until(605, lambda: True, "ten minutes asleep")
+    power = s.status().power
+    assert power["awake_idle_watts"] is None and power["saved_wh"] == 0
+    assert power["energy_wh"]["asleep"] == pytest.approx(600 * 122.5 / 3600, abs=1e-3)
+
+
+def test_nvml_power_is_read_in_watts_and_missing_where_the_board_has_none(monkeypatch):
+    class Error(Exception):
+        pass
+
+    class Handle:
+        def __init__(self, index):
+            self.index = index
+
+    def refuse(handle):
+        raise Error("Not Supported")
+
+    fake = type("pynvml", (), dict(
+        NVMLError=Error, nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=Handle,
+        nvmlDeviceGetMemoryInfo=lambda h: type("Info", (), {"total": 80, "used": 70}),
+        nvmlDeviceGetUUID=lambda h: f"GPU-{h.index}".encode(),
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [],
+        nvmlDeviceGetPowerUsage=lambda h: 121_700 if h.index == 0 else refuse(h),
+        nvmlDeviceGetTotalEnergyConsumption=lambda h: 5_000_000 if h.index == 0 else refuse(h)))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    first, second = NvmlReader().read()
+    assert (first.power_watts, first.energy_joules) == (121.7, 5000.0)
+    assert (second.power_watts, second.energy_joules) == (None, None)
