@@ -63,7 +63,8 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8080
     idle_timeout: float = 300.0          # 0 turns autosleep off
-    sleep_level: int = 1
+    sleep_level: int = 1                 # also the level of manual sleeps when auto
+    sleep_level_auto: bool = False       # AUTOSLEEPD_SLEEP_LEVEL=auto (policy/level.py)
     wake_timeout: float = 120.0          # longest a held request waits
     max_queue: int = 1024
     admin_token: str | None = None
@@ -128,7 +129,7 @@ class Config:
             host=read.get("HOST", cls.host, _host),
             port=read.get("PORT", cls.port, _port),
             idle_timeout=read.get("IDLE_TIMEOUT", cls.idle_timeout, _duration),
-            sleep_level=read.get("SLEEP_LEVEL", cls.sleep_level, _choice_int(1, 2)),
+            sleep_level=read.get("SLEEP_LEVEL", cls.sleep_level, _sleep_level),
             wake_timeout=read.get("WAKE_TIMEOUT", cls.wake_timeout, _positive_duration),
             max_queue=read.get("MAX_QUEUE", cls.max_queue, _int_at_least(0)),
             admin_token=read.get("ADMIN_TOKEN", None, _token),
@@ -196,6 +197,8 @@ class Config:
                 raise ConfigError(PREFIX + "LADDER", env[PREFIX + "LADDER"],
                                   f"either a ladder or {PREFIX}{clash[0]}, not both")
             config = replace(config, idle_timeout=ladder.first[0], sleep_level=ladder.first[1])
+        if config.sleep_level == 0:
+            config = replace(config, sleep_level=1, sleep_level_auto=True)
         config = replace(config, timezone=zone, keep_awake=schedule, ladder=ladder)
         _check_recycling(config, env)
         _check_stop_rung(config, env)
@@ -301,6 +304,16 @@ def _choice_int(*options: int) -> Callable[[str], int]:
             raise _Invalid("one of " + ", ".join(map(str, options)))
         return int(raw)
     return parse
+
+
+def _sleep_level(raw: str) -> int:
+    """1, 2, or ``auto`` (read as 0 here, then as sleep_level_auto)."""
+    if raw.strip().lower() == "auto":
+        return 0
+    try:
+        return _choice_int(1, 2)(raw)
+    except _Invalid:
+        raise _Invalid("1, 2 or auto") from None
 
 
 def _bool(raw: str) -> bool:

@@ -11,12 +11,17 @@ launcher's gate) to play a slow cold start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import os
+from datetime import datetime
+from zoneinfo import ZoneInfo
 import subprocess
 import sys
 
 import pytest
+import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
 
@@ -24,12 +29,14 @@ from autosleepd.cli.remote import summary
 from autosleepd.clock import ManualClock
 from autosleepd.config import Config, ConfigError
 from autosleepd.gpu.readers import NvmlReader
+from autosleepd.policy.level import LevelInputs, LevelTimes, choose_level
+from autosleepd.policy.prewake import PrewakeLearner
 from autosleepd.control.states import State
 from autosleepd.server import Autosleepd
 from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
 from autosleepd.sim.gpu import SimGpu, SimProcesses
 
-from .conftest import completion, eventually
+from .conftest import FakeEngine, completion, eventually, settle
 
 
 class Launcher:
@@ -107,6 +114,7 @@ async def rig(tmp_path):
         await server.start()
         made.append((server, launcher))
         await server.supervisor.wait_for(State.AWAKE, timeout=5)
+        await eventually(lambda: server.power.watts is not None, what="a first power reading")
         return Rig(server, launcher, clock, tmp_path)
 
     yield make
@@ -130,10 +138,9 @@ class Rig:
     async def idle_until(self, seconds: float, predicate, what: str) -> None:
         """Let idle time pass up to ``seconds`` after the last work, a minute at a time."""
         target = self.supervisor.admission.last_work_end + seconds
-        meter = self.server.power
         while self.clock.now() < target:
             self.clock.advance(min(60.0, target - self.clock.now()))
-            await eventually(lambda: meter.read_until >= self.clock.now(), what="a power reading")
+            await eventually(self.settled, what="the supervisor done with what was due")
         try:
             await eventually(predicate, what=what)
         except AssertionError:
@@ -143,6 +150,13 @@ class Rig:
         async with http.post(self.server.url + "/v1/completions",
                              json=completion(prompt)) as response:
             return response.status, dict(response.headers), await response.json()
+
+    def settled(self) -> bool:
+        """Nothing due is left undone, and the power meter has read the GPU since."""
+        now, status = self.clock.now(), self.supervisor.status()
+        planned = status.next_transition
+        return (status.state in (State.AWAKE, State.ASLEEP, State.STOPPED)
+                and (planned is None or planned.at > now) and self.server.power.read_until >= now)
 
     def restarts(self) -> int:
         path = os.path.join(self.tmp, "restarts")
@@ -414,3 +428,146 @@ def test_nvml_power_is_read_in_watts_and_missing_where_the_board_has_none(monkey
     first, second = NvmlReader().read()
     assert (first.power_watts, first.energy_joules) == (121.7, 5000.0)
     assert (second.power_watts, second.energy_joules) == (None, None)
+
+
+# ----- AUTOSLEEPD_SLEEP_LEVEL=auto ------------------------------------------------------------
+
+GIB = 2**30
+
+
+def inputs(quiet_so_far=300.0, resumes_in=None, available=None, weights=None, times=None):
+    return LevelInputs(times or LevelTimes(), quiet_so_far, resumes_in, available, weights, GIB)
+
+
+def test_auto_picks_level_one_for_a_quiet_expected_as_long_as_the_idle_window():
+    choice = choose_level(inputs(quiet_so_far=300))
+    # The priors: level 2 wakes 1.58 s slower; 1/1000 of 300 s is 0.3 s.
+    assert choice.level == 1 and "as long as the quiet so far" in choice.reason
+
+
+def test_auto_picks_level_two_when_traffic_is_not_expected_for_hours():
+    choice = choose_level(inputs(resumes_in=10 * 3600))
+    assert choice.level == 2 and "traffic usually comes back" in choice.reason
+    assert choose_level(inputs(resumes_in=1500)).level == 1    # 1.58 s is over 1/1000 of 1500 s
+    assert choose_level(inputs(resumes_in=1600)).level == 2
+
+
+def test_auto_picks_level_two_when_host_ram_cannot_take_the_weights():
+    choice = choose_level(inputs(available=16 * GIB, weights=16 * GIB))   # the margin is missing
+    assert choice.level == 2 and "host RAM has 16.0 GiB available" in choice.reason
+    assert choose_level(inputs(available=18 * GIB, weights=16 * GIB)).level == 1
+
+
+def test_auto_does_not_sleep_when_traffic_comes_back_before_a_sleep_and_wake():
+    assert choose_level(inputs(resumes_in=2)).level is None           # level 2: 0.05 s + 2.34 s
+    assert "shorter than a level-2 sleep and wake (2.39s)" in choose_level(inputs(resumes_in=2)).reason
+    only_two = choose_level(inputs(resumes_in=5))                    # level 1: 8.05 s + 0.76 s
+    assert only_two.level == 2 and "only a level-2 sleep and wake" in only_two.reason
+    assert choose_level(inputs(resumes_in=9)).level == 1              # both fit; 1.58 s > 9 ms
+
+
+def test_auto_uses_measured_times_over_the_priors():
+    times = LevelTimes()
+    for seconds in (14.1, 0.35, 0.36):                      # a slow first sleep, then fast ones
+        times.record_sleep(1, seconds)
+    for seconds in (0.64, 0.7, 0.66):
+        times.record_wake(1, seconds)
+    for seconds in (0.8, 0.9, 0.85):                          # level 2 reloads from page cache
+        times.record_wake(2, seconds)
+    assert times.sleep(1) == 0.36 and times.wake(2) == 0.85
+    assert choose_level(inputs(quiet_so_far=300, times=times)).level == 2   # 0.19 s extra <= 0.3 s
+    assert choose_level(inputs(resumes_in=1.0)).level is None              # the priors: nothing fits
+    assert choose_level(inputs(resumes_in=1.0, times=times)).level == 2     # measured: 0.05 + 0.85 s
+
+
+@contextlib.contextmanager
+def info_logs():
+    """Capture log events from info up (the suite logs warnings only)."""
+    kept = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(wrapper_class=kept)
+
+
+class RamGuard:
+    """A memory guard at the boundary: room on the GPU, and the host RAM it reports."""
+
+    def __init__(self, available: int, weights: int | None):
+        self.available, self.weights = available, weights
+
+    def host_ram(self): return self.available, self.weights
+    async def shortfall(self): return None
+    async def learn(self, awake): ...
+    async def before_sleep(self): ...
+    async def after_sleep(self, level): return None
+    def level_for_sleep(self, level): return level, None
+    async def read(self): return [], set()
+    def engine_gpus(self, gpus, pids): return []
+    def status(self): return {}
+
+
+def wall(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("UTC")).timestamp()
+
+
+@pytest.fixture
+async def auto(supervisors):
+    async def make(start: str, guard=None, resumptions=()):
+        config = dataclasses.replace(Config.from_env({"AUTOSLEEPD_SLEEP_LEVEL": "auto"}),
+                                     probe_interval=3600)
+        learner = None
+        if resumptions:
+            learner = PrewakeLearner(ZoneInfo("UTC"))
+            learner.resumptions = [wall(t) for t in resumptions]
+        clock = ManualClock(wall_start=wall(start))
+        engine = FakeEngine()
+        supervisor = await supervisors(config, engine, clock, guard=guard, learner=learner)
+        return supervisor, engine, clock
+
+    return make
+
+
+MONDAYS_AT_NINE = ("2026-03-02 09:00", "2026-03-09 09:00")
+
+
+@pytest.mark.parametrize("start, guard, resumptions, level, why", [
+    ("2026-03-15 20:00", None, (), 1, "quiet expected for 300s (as long as the quiet so far)"),
+    ("2026-03-15 20:00", None, MONDAYS_AT_NINE, 2, "quiet expected for 46500s (traffic usually comes back)"),
+    ("2026-03-15 20:00", RamGuard(8 * GIB, 16 * GIB), (), 2, "host RAM has 8.0 GiB available"),
+    ("2026-03-16 08:54:58", None, MONDAYS_AT_NINE, None, "quiet expected for 2s"),
+])
+async def test_auto_chooses_each_level_on_an_injected_clock_and_logs_why(auto, start, guard,
+                                                                         resumptions, level, why):
+    supervisor, engine, clock = await auto(start, guard, resumptions)
+    with info_logs() as logs:
+        clock.advance(300)
+        await settle()
+    chosen = [e for e in logs if e["event"] == "level_chosen"]
+    assert len(chosen) == 1, (logs, supervisor.status())
+    assert chosen[0]["sleep_level"] == level and why in chosen[0]["reason"]
+    assert chosen[0]["quiet_so_far_s"] == 300 and chosen[0]["times"]["1"]["wake_s"] == 0.76
+    if level is None:
+        assert supervisor.state is State.AWAKE and engine.count("sleep") == 0
+        assert supervisor.status().next_transition.at == clock.now() + 300   # asks again later
+    else:
+        assert supervisor.state is State.ASLEEP and engine.calls[-1] == ("sleep", level)
+    assert supervisor.status().to_json()["sleep_level_auto"]["last_choice"]["level"] == level
+
+
+async def test_auto_learns_sleep_and_wake_times_from_real_ones(auto):
+    supervisor, engine, clock = await auto("2026-03-15 20:00")
+    clock.advance(300)
+    await settle()
+    gate = engine.block("wake")
+    held = asyncio.create_task(supervisor.admit())
+    await settle()
+    clock.advance(3.0)                                        # the wake takes 3 s
+    gate.set()
+    await held
+    supervisor.release()
+    times = supervisor.status().to_json()["sleep_level_auto"]["times"]
+    assert times["1"]["wake_s"] == 3.0 and times["1"]["measured"] == 2
+    assert times["2"] == {"sleep_s": 0.05, "wake_s": 2.34, "measured": 0}

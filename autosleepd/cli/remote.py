@@ -86,6 +86,10 @@ def summary(status: dict) -> str:
                      f"{secs(status['last_start_seconds'])}, {status['start_failures']} failed)")
     if status.get("start_failure"):
         lines.append(f"start failed: {status['start_failure']}")
+    auto = status.get("sleep_level_auto")
+    if auto and auto.get("last_choice"):
+        chosen = auto["last_choice"]
+        lines.append(f"auto level: {chosen['level'] or 'no sleep'} ({chosen['reason']})")
     power = status.get("power")
     if power and power.get("watts") is not None:
         idle = power["awake_idle_watts"]

@@ -105,6 +105,7 @@ class Status:
     prewakes_used: int | None = None
     prewakes_wasted: int | None = None
     power: dict | None = None      # the engine's GPU draw, energy per state, saving (gpu/power.py)
+    level_auto: dict | None = None  # AUTOSLEEPD_SLEEP_LEVEL=auto: its last choice, the times it uses
     # Not on the wire: for planners, which work in clock time.
     now: float = field(default=0.0, repr=False)
     wall: float = field(default=0.0, repr=False)
@@ -145,4 +146,5 @@ class Status:
             "prewakes_used": self.prewakes_used,
             "prewakes_wasted": self.prewakes_wasted,
             "power": self.power,
+            "sleep_level_auto": self.level_auto,
         }

@@ -20,6 +20,7 @@ import structlog
 
 from ..clock import Clock
 from ..config import Config
+from ..policy.level import LevelInputs, LevelTimes, choose_level
 from ..policy.planner import build_planners
 from .admission import Admission, HoldExpired, why_expired
 from .check import Checker
@@ -63,6 +64,8 @@ class Supervisor:
         self.sleep_supported = True
         self.stats = Stats()
         self.cycles = 0                     # sleeps since the engine was (re)started
+        self.level_times = LevelTimes()     # measured sleeps and wakes, for AUTOSLEEPD_SLEEP_LEVEL=auto
+        self.level_choice: dict | None = None   # the last level auto chose, and why
         self.memory_wait: dict | None = None
         # activity, and the orders waiting for the loop
         self._changed = asyncio.Event()
@@ -198,6 +201,8 @@ class Supervisor:
                                 {k: v for k, v in self.memory_wait.items() if k != "text"}),
             memory=memory, residual_bytes=residue, cycles=self.cycles,
             power=self.power.status() if self.power is not None else None,
+            level_auto=({"last_choice": self.level_choice, "times": self.level_times.as_dict()}
+                        if config.sleep_level_auto else None),
             prewakes_used=learner.used if learner else None,
             prewakes_wasted=learner.wasted if learner else None,
             now=now, wall=self.clock.wall())
@@ -328,6 +333,11 @@ class Supervisor:
         self.apply(Event.RECOVERED)
 
     async def sleep(self, level: int, event: Event) -> None:
+        if self.config.sleep_level_auto and event is Event.IDLE:
+            level = self._choose_level()
+            if level is None:
+                self.admission.last_work_end = self.clock.now()   # ask again after another window
+                return
         chosen, refused = level_for_host_ram(self.guard, level)
         if chosen is None:
             self.admission.last_work_end = self.clock.now()   # ask again after another window
@@ -339,6 +349,7 @@ class Supervisor:
         self.stats.record(outcome)
         if outcome.event is Event.SLEPT:
             self.asleep_level = level
+            self.level_times.record_sleep(level, outcome.seconds)
             self.cycles += 1
             self.tell("slept", level, event.reason, outcome.seconds)
             self._settle_order(None)   # at the level asked for, or the fallback the guard chose
@@ -351,6 +362,21 @@ class Supervisor:
             self._settle_order(OrderFailed(f"the sleep failed: {outcome.detail}"))
         self._apply_outcome(outcome, event)
 
+    def _choose_level(self) -> int | None:
+        """AUTOSLEEPD_SLEEP_LEVEL=auto: the level of this idle sleep (policy/level.py), logged."""
+        resumes_in = None
+        if self._learner is not None:
+            wall = self.clock.wall()
+            resumes = self._learner.next_resumption(wall)
+            resumes_in = None if resumes is None else resumes - wall
+        available, weights = self.guard.host_ram() if self.guard is not None else (None, None)
+        inputs = LevelInputs(self.level_times, self.idle_seconds(), resumes_in, available, weights,
+                             self.config.wake_memory_margin)
+        choice = choose_level(inputs)
+        self._log.info("level_chosen", sleep_level=choice.level, reason=choice.reason, **inputs.as_log())
+        self.level_choice = {"level": choice.level, "reason": choice.reason}
+        return choice.level
+
     async def wake(self, event: Event, restarts_idle: bool = True) -> None:
         level = self.asleep_level or self.config.sleep_level
         self.apply(event, sleep_level=level)
@@ -358,6 +384,8 @@ class Supervisor:
         self.stats.record(outcome)
         if outcome.event in (Event.WOKE, Event.FOUND_AWAKE):
             self.asleep_level = None
+            if outcome.event is Event.WOKE:
+                self.level_times.record_wake(level, outcome.engine_seconds)
             if restarts_idle:
                 self.admission.last_work_end = self.clock.now()
             self.tell("woke", level, event.reason, outcome.seconds)

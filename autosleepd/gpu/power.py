@@ -52,6 +52,7 @@ class PowerMeter(Observer):
         self.source: str | None = None      # "energy counter" or "power readings"
         self._idle_draws: deque[float] = deque(maxlen=AWAKE_IDLE_SAMPLES)
         self._due = asyncio.Event()
+        self._transitions = 0               # a reading taken across one is read again
 
     @property
     def watts(self) -> float | None:
@@ -73,6 +74,7 @@ class PowerMeter(Observer):
         self._segments.append((self._state, now - self._since))
         self._since = self._state_since = now
         self._state = new
+        self._transitions += 1
         self._due.set()
 
     # ----- reading -----------------------------------------------------------------------------
@@ -80,8 +82,10 @@ class PowerMeter(Observer):
     async def run(self) -> None:
         """Read now, then every SAMPLE_EVERY seconds and after each transition."""
         while True:
+            self._due.clear()   # before reading: a transition during it asks for another
             await self.sample()
-            self._due.clear()
+            if self._due.is_set():
+                continue
             timer = self._clock.call_at(self._clock.now() + SAMPLE_EVERY, self._due.set)
             try:
                 await self._due.wait()
@@ -89,10 +93,13 @@ class PowerMeter(Observer):
                 timer.cancel()
 
     async def sample(self) -> None:
+        transitions = self._transitions
         try:
             gpus, pids = await self._guard.read()
         except GpuUnavailable:
             return
+        if transitions != self._transitions:
+            return   # the state changed during the reading: it may show either; run() reads again
         mine = self._guard.engine_gpus(gpus, pids)
         draws = {g.uuid: g.power_watts for g in mine if g.power_watts is not None}
         if not draws:
