@@ -2,8 +2,8 @@
 
 The stop rung: the engine's process stopped and started by operator commands.
 
-The commands are real shell commands (curl) that reach a small launcher, which kills and starts a
-simulated vLLM on a fixed port, as ``systemctl stop/start vllm@NAME`` would. The supervisor runs
+The commands are real shell commands (curl) that reach the simulator's launcher, which kills and
+starts a simulated vLLM on a fixed port, as ``systemctl stop/start vllm@NAME`` would. The supervisor runs
 on a manual clock, so twelve idle hours pass in milliseconds; a start can be held back (the
 launcher's gate) to play a slow cold start.
 """
@@ -22,7 +22,6 @@ import sys
 
 import pytest
 import structlog
-from aiohttp import web
 from structlog.testing import capture_logs
 
 from autosleepd.cli.remote import summary
@@ -35,57 +34,10 @@ from autosleepd.control.states import State
 from autosleepd.server import Autosleepd
 from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
 from autosleepd.sim.gpu import SimGpu, SimProcesses
+from autosleepd.sim.launcher import Launcher
 
 from .conftest import FakeEngine, completion, eventually, settle
-
-
-class Launcher:
-    """What a stop and a start command reach: kills, or starts, the one simulated engine."""
-
-    def __init__(self, engine: SimulatedEngine):
-        self.engine = engine
-        self.gate = asyncio.Event()    # closed: a start is launched but the engine loads slowly
-        self.gate.set()
-        self.starts = self.stops = 0
-        self._loading: asyncio.Task | None = None
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def open(self) -> None:
-        app = web.Application()
-        app.router.add_post("/start", self._start)
-        app.router.add_post("/stop", self._stop)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-
-    def command(self, what: str) -> str:
-        return f"curl -fsS -X POST http://127.0.0.1:{self.port}/{what}"
-
-    async def _start(self, request: web.Request) -> web.Response:
-        self.starts += 1
-        self._loading = asyncio.create_task(self._load())
-        if self.gate.is_set():
-            await self._loading   # a fast engine: up by the time the command returns
-        return web.Response(text="started\n")
-
-    async def _load(self) -> None:
-        await self.gate.wait()
-        if not self.engine.listening:
-            await self.engine.start()
-
-    async def _stop(self, request: web.Request) -> web.Response:
-        self.stops += 1
-        await self.engine.kill()
-        return web.Response(text="stopped\n")
-
-    async def close(self) -> None:
-        if self._loading is not None:
-            self._loading.cancel()
-        await self._runner.cleanup()
-        await self.engine.close()
+from .test_policy import Guard
 
 
 LADDER = "5m:1,2h:2,12h:stop"
@@ -492,21 +444,14 @@ def info_logs():
         structlog.configure(wrapper_class=kept)
 
 
-class RamGuard:
-    """A memory guard at the boundary: room on the GPU, and the host RAM it reports."""
+class RamGuard(Guard):
+    """The policy tests' guard (room on the GPU), and the host RAM it reports."""
 
     def __init__(self, available: int, weights: int | None):
+        super().__init__(room=True)
         self.available, self.weights = available, weights
 
     def host_ram(self): return self.available, self.weights
-    async def shortfall(self): return None
-    async def learn(self, awake): ...
-    async def before_sleep(self): ...
-    async def after_sleep(self, level): return None
-    def level_for_sleep(self, level): return level, None
-    async def read(self): return [], set()
-    def engine_gpus(self, gpus, pids): return []
-    def status(self): return {}
 
 
 def wall(text: str) -> float:
