@@ -48,11 +48,13 @@ async def rig(tmp_path):
     made = []
 
     async def make(ladder: str = LADDER, stop: str | None = None, start: str | None = None,
-                   sim: dict | None = None, energy_counter: bool = True, **overrides):
+                   sim: dict | None = None, energy_counter: bool = True, engine_up: bool = True,
+                   **overrides):
         clock = ManualClock()
         gpu = SimGpu(clock=clock if energy_counter else None)
         engine = SimulatedEngine(SimSettings(**(sim or {})), gpu=gpu)
-        await engine.start()
+        if engine_up:
+            await engine.start()
         launcher = Launcher(engine)
         await launcher.open()
         env = {"AUTOSLEEPD_LADDER": ladder,
@@ -65,7 +67,7 @@ async def rig(tmp_path):
         server = Autosleepd(config, clock=clock, gpu=gpu, processes=SimProcesses(engine))
         await server.start()
         made.append((server, launcher))
-        await server.supervisor.wait_for(State.AWAKE, timeout=5)
+        await server.supervisor.wait_for(State.AWAKE if engine_up else State.STOPPED, timeout=5)
         await eventually(lambda: server.power.watts is not None, what="a first power reading")
         return Rig(server, launcher, clock, tmp_path)
 
@@ -246,6 +248,39 @@ async def test_an_engine_started_by_hand_while_stopped_is_followed_not_restarted
     await eventually(lambda: s.state is State.AWAKE, what="found awake")
     status, _, _ = await r.ask(http)
     assert status == 200 and r.launcher.starts == 0 and r.restarts() == 0
+
+
+async def test_an_engine_found_down_when_autosleepd_starts_is_started_by_the_first_request(rig, http):
+    r = await rig(ladder="5m:1,1h:stop", engine_up=False)   # stopped before autosleepd restarted
+    assert r.supervisor.state is State.STOPPED and r.restarts() == 0
+    status, _, body = await r.ask(http, "after a restart")
+    assert status == 200 and body["choices"][0]["text"] == expected_text("after a restart", 4)
+    assert r.launcher.starts == 1
+
+
+async def test_a_start_never_healthy_in_time_is_refused_and_stopped_again(rig, http):
+    r = await rig(ladder="5m:1,1h:stop", engine_start_timeout=60.0)
+    s = r.supervisor
+    await r.idle_until(3600, lambda: s.state is State.STOPPED, "stopped")
+    r.launcher.gate.clear()                                  # it launches, but never loads
+    asked = asyncio.create_task(r.ask(http))
+    await eventually(lambda: r.launcher.starts == 1 and s.state is State.LAUNCHING, what="launching")
+    r.clock.advance(60)                                      # the next /health poll is past it
+    status, headers, body = await asked
+    assert status == 503 and body["error"]["code"] == "engine_start_failed"
+    assert "not healthy within AUTOSLEEPD_ENGINE_START_TIMEOUT=60s" in body["error"]["message"]
+    assert r.launcher.stops == 2                             # stopped again: the next start is clean
+    assert s.state is State.STOPPED and headers["Retry-After"] == "10"
+
+
+async def test_a_stop_command_that_fails_after_the_engine_is_gone_still_stops(rig, http):
+    r = await rig(ladder="5m:1,1h:stop")
+    r.supervisor.config = dataclasses.replace(r.supervisor.config,
+                                              stop_command=r.launcher.command("stop") + "; exit 3")
+    await r.idle_until(3600, lambda: r.supervisor.state is State.STOPPED, "stopped")
+    assert r.supervisor.stats.stops == 1 and r.supervisor.stats.stop_failures == 0
+    status, _, _ = await r.ask(http)
+    assert status == 200
 
 
 async def test_a_manual_wake_starts_a_stopped_engine(rig, http):

@@ -5,7 +5,8 @@ Theory of operation
 autosleepd believes the engine is in one of ten states. Only the control loop
 (``supervisor.Supervisor.run``) moves that belief, and only by applying an *event* to this table:
 
-- **probes** read the engine's real state (``found_awake``, ``found_asleep``, ``probe_failed``);
+- **probes** read the engine's real state (``found_awake``, ``found_asleep``, ``probe_failed``,
+  and ``found_stopped``: at start, with a stop rung, the engine's port refuses);
 - **orders** are decisions to sleep, wake or stop, with the reason recorded (``idle``, ``manual``,
   ``eviction``, ``ladder``, ``request``, ``stuck``, ``schedule``, ``prewake``, ``recycle``,
   ``stop``);
@@ -31,6 +32,9 @@ The stop rung (``AUTOSLEEPD_LADDER=5m:1,2h:2,12h:stop``) takes an engine asleep 
 deepest level to ``stopped``: its process is gone (the stop command ran, the port refuses), so
 the GPU draws what it draws without a CUDA context. ``stopped`` is not ``unavailable``: nothing
 restarts it as broken, and a probe that finds it answering (an operator started it) follows it.
+An autosleepd that starts (or restarts) with a stop rung and finds the engine's port refusing
+takes it as stopped too, so the next request starts it (the start command must be idempotent,
+as ``systemctl start`` is: the engine may be loading already).
 The next request (or manual wake) runs the start command once (``launching``); held work is
 released when the started engine is healthy and passes the wake check, and refused (503, with
 backoff before the next try) when the start fails.
@@ -63,6 +67,7 @@ class Event(str, enum.Enum):
     FOUND_AWAKE = "found_awake"
     FOUND_ASLEEP = "found_asleep"
     PROBE_FAILED = "probe_failed"
+    FOUND_STOPPED = "found_stopped"    # at start, with a stop rung: the port refuses
     # orders to sleep
     IDLE = "idle"
     MANUAL_SLEEP = "manual"
@@ -108,6 +113,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.STARTING, Event.FOUND_AWAKE): State.AWAKE,
     (State.STARTING, Event.FOUND_ASLEEP): State.ASLEEP,
     (State.STARTING, Event.PROBE_FAILED): State.STARTING,
+    (State.STARTING, Event.FOUND_STOPPED): State.STOPPED,     # stopped before autosleepd started
     # awake
     **{(State.AWAKE, order): State.FALLING_ASLEEP for order in SLEEP_ORDERS},
     (State.AWAKE, Event.FOUND_AWAKE): State.AWAKE,
@@ -183,7 +189,8 @@ REFUSED: frozenset[tuple[State, Event]] = frozenset(
         or (event is Event.FOUND_AWAKE and state in (State.FALLING_ASLEEP, State.BROKEN,
                                                      State.LAUNCHING))
         or (event is Event.FOUND_ASLEEP and state in (State.WAKING, State.STOPPING))
-        or (event is Event.PROBE_FAILED and state in _OWN_PROBES)))
+        or (event is Event.PROBE_FAILED and state in _OWN_PROBES)
+        or (event is Event.FOUND_STOPPED and state is not State.STARTING)))
 
 # Effects of entering a state, run by Supervisor._apply after the state has changed.
 ON_ENTER: dict[State, tuple[str, ...]] = {

@@ -18,8 +18,8 @@ import asyncio
 
 import structlog
 
-from .engine import EngineError, EngineTimeout, EngineUnreachable
-from .probe import PROBE_TIMEOUT
+from .engine import EngineError
+from .probe import PROBE_TIMEOUT, port_refuses
 from .restart import CommandResult, mask, run_command
 from .states import Event, Outcome
 
@@ -50,11 +50,6 @@ def _failed(result: CommandResult, variable: str, timeout: float) -> str:
     return f"{variable} exited with status {result.exit_status}"
 
 
-def _gone(found) -> bool:
-    """The engine's port refuses: its process is gone (a slow answer is not gone)."""
-    return isinstance(found, EngineUnreachable) and not isinstance(found, EngineTimeout)
-
-
 async def pause(clock, until: float) -> None:
     """Wait for clock time ``until``, whatever else happens meanwhile."""
     done = asyncio.get_running_loop().create_future()
@@ -73,7 +68,7 @@ async def stop_engine(owner) -> Outcome:
     result = await _run(config, "stop", config.stop_command, config.engine_stop_timeout)
     while True:
         found = await owner.prober.read_engine()
-        if _gone(found):
+        if port_refuses(found):
             detail = None if result.exit_status == 0 else (
                 _failed(result, "AUTOSLEEPD_ENGINE_STOP_COMMAND", config.engine_stop_timeout)
                 + ", but the engine is gone")

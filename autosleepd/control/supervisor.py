@@ -2,10 +2,9 @@
 changes the state (llama-swap #946: a decision taken on a stale view deadlocked).
 
 - What may happen is in ``states.py`` (the table); this file decides *when* and applies it.
-- The slow procedures (``sleep.py``, ``wake.py``, ``stop.py``) return outcomes.
 - The proxy calls ``admit``/``release`` and reports what it sees (``engine_unreachable``,
   ``stalled``); admin endpoints and neighbours place orders; planners (``policy/``) say what is
-  due; the two slow procedures (``sleep.py``, ``wake.py``) return outcomes; the loop (``run``)
+  due; the slow procedures (``sleep.py``, ``wake.py``, ``stop.py``) return outcomes; the loop (``run``)
   turns each into an event and ``_apply`` moves the state and runs the entry effects.
 - Reading (``status``) changes nothing.
 """
@@ -170,6 +169,10 @@ class Supervisor:
     @property
     def broken(self) -> bool:
         return self.state is State.BROKEN
+
+    @property
+    def stop_rung(self) -> bool:
+        return self.config.ladder is not None and self.config.ladder.stop_after is not None
 
     def now(self) -> float:
         return self.clock.now()
