@@ -185,7 +185,8 @@ class SimEngine:
 
 # ----- the run -----------------------------------------------------------------------------------
 
-async def measure(args, out: Path) -> dict:
+async def measure(args, out: Path, result: dict) -> None:
+    """Fills ``result`` as it goes, so a failure keeps what was measured before it."""
     from autosleepd import log
     from autosleepd.config import Config
     from autosleepd.server import Autosleepd
@@ -196,8 +197,8 @@ async def measure(args, out: Path) -> dict:
     engine = SimEngine() if args.sim else VllmEngine(args, out)
     log_file = open(out / f"deep-idle-{mode}-autosleepd.log", "w")
     log.configure("info", "json", log_file)   # transitions, commands, level_chosen
-    result: dict = {"mode": mode, "ladder_idle_s": rungs, "power_seconds": args.power_seconds,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result.update({"mode": mode, "ladder_idle_s": rungs, "power_seconds": args.power_seconds,
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     result["power_no_engine_w"] = await asyncio.to_thread(read_power, engine.reader, args.power_seconds)
     proxy = f"http://127.0.0.1:{PROXY_PORT}"
     sidecar = None
@@ -250,8 +251,7 @@ async def measure(args, out: Path) -> dict:
             await sidecar.shutdown()
         await engine.stop()
         log_file.close()
-    result["seconds"] = round(time.monotonic() - started, 1)
-    return result
+        result["seconds"] = round(time.monotonic() - started, 1)
 
 
 def checks(result: dict) -> dict:
@@ -328,7 +328,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"mode": "sim" if args.sim else "vllm"}
     try:
-        result = asyncio.run(measure(args, out))
+        asyncio.run(measure(args, out, result))
     except Exception as error:
         result["error"] = repr(error)
     result["checks"] = checks(result)
