@@ -279,7 +279,8 @@ def checks(result: dict) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"# Deep idle ({result['mode']}, {result.get('started')})", "",
              f"Ladder idle seconds to level 1, level 2, stop: {result['ladder_idle_s']}; power: "
-             f"median of GPU power readings (NVML, or the simulated GPU) over {result['power_seconds']:g} s.", "",
+             "median of GPU power readings (NVML, or the simulated GPU) over "
+             f"{result['power_seconds']:g} s.", "",
              "| engine state | GPU power (W) | first answer after it (s) | of which wake or start (s) |",
              "|---|---|---|---|",
              f"| no vLLM process | {result.get('power_no_engine_w')} | | |",
