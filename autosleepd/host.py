@@ -19,11 +19,12 @@ import structlog
 from .clock import Clock
 from .config import Config
 from .control.engine import EngineClient, EngineError
-from .control.restart import CommandRestarter
+from .control.restart import CommandRestarter, command_env
 from .control.states import State
 from .control.supervisor import Observer, Restarter, Supervisor
 from .gpu.guard import MemoryGuard
 from .gpu.neighbours import Coordinator
+from .gpu.power import PowerMeter
 from .gpu.readers import GpuReader, Processes
 from .heap import HeapTrimmer
 from .metrics import Metrics
@@ -105,7 +106,9 @@ class HostedEngine:
             self.coordinator = Coordinator(config.coordination_dir, config.instance,
                                            request_timeout=config.sleep_timeout)
         if restart is None and config.restart_command:
-            restart = CommandRestarter(config.restart_command)
+            restart = CommandRestarter(config.restart_command,
+                                       secrets=(config.upstream_api_key, config.admin_token),
+                                       env=command_env(config))
         learner = None
         if config.prewake == "learned":
             learner = PrewakeLearner(ZoneInfo(config.timezone), lead=config.prewake_lead,
@@ -119,12 +122,19 @@ class HostedEngine:
                                      observers=(self.metrics, self.history, self.models),
                                      guard=self.guard, neighbours=self.coordinator,
                                      restart=restart, learner=learner)
+        self.power = None
+        if self.guard is not None:
+            # Engines sharing a GPU each see its whole draw: the board reads one number.
+            self.power = PowerMeter(self.guard, clock, self.supervisor.idle_seconds)
+            self.supervisor.power = self.power
+            self.supervisor.add_observer(self.power)
         self.supervisor.add_observer(HeapTrimmer(lambda: self.supervisor.admission.idle))
         self.metrics.watch(self.supervisor.status,
                            self.coordinator.status if self.coordinator is not None else None)
         self.proxy = Proxy(config, self.supervisor)
         self.proxy.observer = self.metrics
         self.control: asyncio.Task | None = None
+        self._metering: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.client.start()
@@ -136,13 +146,16 @@ class HostedEngine:
     async def serve(self, url: str) -> None:
         if self.coordinator is not None:
             await self.coordinator.serve(self.supervisor, url)
+        if self.power is not None:
+            self._metering = asyncio.create_task(self.power.run(), name=f"autosleepd-power-{self.name}")
         self.control = asyncio.create_task(self.supervisor.run(), name=f"autosleepd-control-{self.name}")
 
     async def stop(self) -> None:
         """After the drain: the control loop, the coordination entry, the clients."""
-        if self.control is not None:
-            self.control.cancel()
-            await asyncio.gather(self.control, return_exceptions=True)
+        for task in (self.control, self._metering):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.coordinator is not None:
             await self.coordinator.close()
         await self.models.close()

@@ -74,7 +74,7 @@ class Autosleepd:
         first = engines[0]
         # The first engine's parts, by the names a single-engine instance has always had.
         self.engine, self.supervisor, self.proxy = first.client, first.supervisor, first.proxy
-        self.metrics, self.coordinator = first.metrics, first.coordinator
+        self.metrics, self.coordinator, self.power = first.metrics, first.coordinator, first.power
         self.notifier = SystemdNotifier()
         first.supervisor.add_observer(self.notifier)
         try:

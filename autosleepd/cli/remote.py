@@ -105,6 +105,22 @@ def summary(status: dict) -> str:
         f"wakes:      {status['wakes']} (last took {secs(status['last_wake_seconds'])}, "
         f"{status['wake_failures']} failed)",
     ]
+    if status.get("stops") or status.get("starts") or status.get("start_failures"):
+        lines.append(f"stops:      {status['stops']} (last took {secs(status['last_stop_seconds'])}, "
+                     f"{status['stop_failures']} failed); starts: {status['starts']} (last took "
+                     f"{secs(status['last_start_seconds'])}, {status['start_failures']} failed)")
+    if status.get("start_failure"):
+        lines.append(f"start failed: {status['start_failure']}")
+    auto = status.get("sleep_level_auto")
+    if auto and auto.get("last_choice"):
+        chosen = auto["last_choice"]
+        lines.append(f"auto level: {chosen['level'] or 'no sleep'} ({chosen['reason']})")
+    power = status.get("power")
+    if power and power.get("watts") is not None:
+        idle = power["awake_idle_watts"]
+        lines.append(f"power:      {power['watts']:g} W now (awake idle: "
+                     f"{'not measured yet' if idle is None else f'{idle:g} W'}); saved "
+                     f"{power['saved_wh']:g} Wh against staying awake")
     if status.get("next_transition"):
         upcoming = status["next_transition"]
         lines.append(f"next:       {upcoming['what']}, at {upcoming['at']} (in {upcoming['in_seconds']:g}s)")

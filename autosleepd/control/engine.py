@@ -143,6 +143,10 @@ class EngineClient:
             raise EngineNonsense(f"GET /is_sleeping answered is_sleeping={value!r}, expected a boolean")
         return value
 
+    async def health(self, timeout: float = 5.0) -> None:
+        """``GET /health``: raises unless the engine's server is up (200)."""
+        await self._call("GET", "/health", timeout)
+
     async def sleep_level(self, timeout: float = 5.0) -> int | None:
         """The level a sleeping engine sleeps at, from vllm:engine_sleep_state; None if unknown."""
         try:
