@@ -186,6 +186,7 @@ class HostedEngine:
             "next_transition": planned,
             "pin": self.supervisor.pins.to_json(status.now),
             "keep_alive_seconds": self.supervisor.pins.keep_alive or None,
+            "power": status.power,   # the draw of this engine's GPUs, energy per state, the saving
         }
         if history:
             view["history"] = self.history.to_json()

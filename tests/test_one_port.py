@@ -305,6 +305,7 @@ async def test_the_host_view_shows_each_engine_s_models_state_memory_use_held_wo
     assert "pin until" in engines["b"]["next_transition"]["what"]
     assert (await held)[0] == 200
     await server.host.by_name["a"].supervisor.order_sleep(2)
+    await eventually(lambda: server.host.by_name["b"].power.watts is not None, what="a power reading")
     async with http.get(server.url + "/autosleepd/host?history=1") as response:
         engines = {e["name"]: e for e in (await response.json())["engines"]}
     assert engines["a"]["state"] == "asleep" and engines["a"]["sleep_level"] == 2
@@ -313,6 +314,7 @@ async def test_the_host_view_shows_each_engine_s_models_state_memory_use_held_wo
     assert [h["state"] for h in engines["a"]["history"]] == [
         "starting", "asleep", "waking", "awake", "falling_asleep", "asleep"]
     assert "history" in engines["b"] and engines["a"]["pin"] is None
+    assert engines["b"]["power"]["watts"] > 0 and engines["b"]["power"]["saved_wh"] == 0   # GPU draw
 
 
 async def test_status_health_and_metrics_name_the_engine_on_a_host_of_several(rig, http):

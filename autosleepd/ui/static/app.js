@@ -97,6 +97,8 @@ function card(engine) {
     ["GPU memory", `${gib(engine.gpu_memory_awake_bytes)} awake, ${gib(engine.gpu_memory_asleep_bytes)} asleep`],
     ["Last used", `${span((Date.now() - Date.parse(engine.last_used)) / 1000)} ago`],
     ["Work", `${engine.in_flight} in flight, ${engine.held} held`],
+    ["GPU power", engine.power && engine.power.watts != null
+      ? `${engine.power.watts.toFixed(0)} W now, ${engine.power.saved_wh.toFixed(1)} Wh saved` : "not read"],
     ["Next", next ? `${next.what}, in ${span(next.in_seconds)}` : "nothing planned"],
     ["Pinned", pin ? (pin.until ? `until ${new Date(pin.until).toLocaleTimeString()} (${span(pin.in_seconds)} left)` : "until unpinned")
       : engine.keep_alive_seconds ? `kept alive ${span(engine.keep_alive_seconds)} by a request` : "no"],
