@@ -63,7 +63,8 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8080
     idle_timeout: float = 300.0          # 0 turns autosleep off
-    sleep_level: int = 1
+    sleep_level: int = 1                 # also the level of manual sleeps when auto
+    sleep_level_auto: bool = False       # AUTOSLEEPD_SLEEP_LEVEL=auto (policy/level.py)
     wake_timeout: float = 120.0          # longest a held request waits
     max_queue: int = 1024
     admin_token: str | None = None
@@ -94,6 +95,11 @@ class Config:
     memory_poll: float = 0.25            # how often free memory is re-read while waiting for it
     restart_command: str | None = None   # runs when the engine is broken (a failed wake)
     restart_backoff: float = 10.0        # before re-running it for an engine still broken; doubles
+    # The ladder's stop rung: commands that stop and start the engine's process
+    stop_command: str | None = None
+    start_command: str | None = None
+    engine_stop_timeout: float = 120.0   # the stop command, then until the port refuses
+    engine_start_timeout: float = 600.0  # the start command, then until /health answers and the check
     # Recycling (a restart while asleep and idle) against residual-memory drift; 0: off
     recycle_residue_growth: int = 2 * 2**30   # memory left asleep, grown past the first cycle's
     recycle_after_cycles: int = 0        # sleep/wake cycles since the engine started
@@ -109,6 +115,10 @@ class Config:
     state_file: str | None = None        # where what was learned survives a restart
     passive_paths: frozenset[str] = PASSIVE_PATHS
     blocked_paths: frozenset[str] = CONTROL_PATHS
+    # One port for several engines: (name, URL) pairs; empty: the one engine at ``upstream``
+    engines: tuple[tuple[str, str], ...] = ()
+    engine_name: str | None = None       # this engine's name on its host (for_engine sets it; commands see it)
+    keep_alive_max: float = 3600.0       # the longest idle window a request's header may ask for
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Config":
@@ -123,7 +133,7 @@ class Config:
             host=read.get("HOST", cls.host, _host),
             port=read.get("PORT", cls.port, _port),
             idle_timeout=read.get("IDLE_TIMEOUT", cls.idle_timeout, _duration),
-            sleep_level=read.get("SLEEP_LEVEL", cls.sleep_level, _choice_int(1, 2)),
+            sleep_level=read.get("SLEEP_LEVEL", cls.sleep_level, _sleep_level),
             wake_timeout=read.get("WAKE_TIMEOUT", cls.wake_timeout, _positive_duration),
             max_queue=read.get("MAX_QUEUE", cls.max_queue, _int_at_least(0)),
             admin_token=read.get("ADMIN_TOKEN", None, _token),
@@ -157,6 +167,12 @@ class Config:
             memory_poll=read.get("MEMORY_POLL", cls.memory_poll, _positive_duration),
             restart_command=read.get("ENGINE_RESTART_COMMAND", None, _optional_text),
             restart_backoff=read.get("RESTART_BACKOFF", cls.restart_backoff, _positive_duration),
+            stop_command=read.get("ENGINE_STOP_COMMAND", None, _optional_text),
+            start_command=read.get("ENGINE_START_COMMAND", None, _optional_text),
+            engine_stop_timeout=read.get("ENGINE_STOP_TIMEOUT", cls.engine_stop_timeout,
+                                         _positive_duration),
+            engine_start_timeout=read.get("ENGINE_START_TIMEOUT", cls.engine_start_timeout,
+                                          _positive_duration),
             recycle_residue_growth=read.get("RECYCLE_RESIDUE_GROWTH", cls.recycle_residue_growth,
                                             _size),
             recycle_after_cycles=read.get("RECYCLE_AFTER_CYCLES", cls.recycle_after_cycles,
@@ -167,6 +183,8 @@ class Config:
             prewake=read.get("PREWAKE", cls.prewake, _choice(("off", "learned"))),
             prewake_lead=read.get("PREWAKE_LEAD", cls.prewake_lead, _duration),
             state_file=read.get("STATE_FILE", None, _absolute_file),
+            engines=read.get("ENGINES", (), _engines),
+            keep_alive_max=read.get("KEEP_ALIVE_MAX", cls.keep_alive_max, _duration),
             passive_paths=(PASSIVE_PATHS | extra_passive) - extra_blocked,
             blocked_paths=CONTROL_PATHS | extra_blocked,
         )
@@ -185,8 +203,14 @@ class Config:
                 raise ConfigError(PREFIX + "LADDER", env[PREFIX + "LADDER"],
                                   f"either a ladder or {PREFIX}{clash[0]}, not both")
             config = replace(config, idle_timeout=ladder.first[0], sleep_level=ladder.first[1])
+        if config.sleep_level == 0:
+            config = replace(config, sleep_level=1, sleep_level_auto=True)
         config = replace(config, timezone=zone, keep_awake=schedule, ladder=ladder)
         _check_recycling(config, env)
+        _check_engines(config, env)
+        if config.engines:
+            config = replace(config, upstream=config.engines[0][1])
+        _check_stop_rung(config, env)
         if config.prewake == "learned" and not config.autosleep:
             raise ConfigError(PREFIX + "PREWAKE", "learned", "autosleep on (an idle timeout above 0)")
         return config
@@ -194,6 +218,24 @@ class Config:
     @property
     def autosleep(self) -> bool:
         return self.idle_timeout > 0
+
+    @property
+    def engine_urls(self) -> tuple[tuple[str, str], ...]:
+        """(name, URL) of every engine behind this port; one unnamed engine without ENGINES."""
+        return self.engines or ((self.instance or "engine", self.upstream),)
+
+    def for_engine(self, name: str, url: str) -> "Config":
+        """One engine's configuration on a host of several: its URL, its coordination name and
+        its own learned pre-wake file; every other setting is the host's."""
+        if not self.engines or len(self.engines) == 1:
+            return replace(self, upstream=url, engine_name=name)
+        base = self.instance or local_url(self.host, self.port).split("//")[1].replace(":", "-")
+        state_file = None
+        if self.state_file is not None:
+            stem, dot, suffix = self.state_file.rpartition(".")
+            state_file = f"{stem}.{name}.{suffix}" if dot and "/" not in suffix else f"{self.state_file}.{name}"
+        return replace(self, upstream=url, instance=_instance_name(f"{base}-{name}"[:64]),
+                       state_file=state_file, engine_name=name)
 
     @property
     def recycling(self) -> bool:
@@ -291,6 +333,16 @@ def _choice_int(*options: int) -> Callable[[str], int]:
     return parse
 
 
+def _sleep_level(raw: str) -> int:
+    """1, 2, or ``auto`` (read as 0 here, then as sleep_level_auto)."""
+    if raw.strip().lower() == "auto":
+        return 0
+    try:
+        return _choice_int(1, 2)(raw)
+    except _Invalid:
+        raise _Invalid("1, 2 or auto") from None
+
+
 def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
@@ -365,6 +417,66 @@ def _check_recycling(config: Config, env: Mapping[str, str]) -> None:
                               "the engine with it")
 
 
+_ENGINES = PREFIX + "ENGINES"
+
+
+def _engines(raw: str) -> tuple[tuple[str, str], ...]:
+    expected = "name=URL pairs separated by commas, such as qwen=http://127.0.0.1:8000,small=http://127.0.0.1:8001"
+    pairs, seen = [], set()
+    for item in (part.strip() for part in raw.split(",") if part.strip()):
+        name, equals, url = item.partition("=")
+        name = name.strip()
+        if not equals:
+            raise _Invalid(f"{expected} ({item!r} has no '=')")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}", name):
+            raise _Invalid(f"{expected} (engine name {name!r}: letters, digits, '.', '_', '-', at most 48)")
+        if name in seen:
+            raise _Invalid(f"{expected} (engine name {name!r} is given twice)")
+        try:
+            url = _upstream_url(url)
+        except _Invalid as invalid:
+            raise _Invalid(f"{expected} (the URL of {name!r}: {invalid.expected})") from None
+        seen.add(name)
+        pairs.append((name, url))
+    if not pairs:
+        raise _Invalid(expected)
+    return tuple(pairs)
+
+
+def _check_engines(config: Config, env: Mapping[str, str]) -> None:
+    """Settings that name one engine cannot be shared by several."""
+    if not config.engines:
+        return
+    for key in ("UPSTREAM", "ENGINE_PID") if len(config.engines) > 1 else ("UPSTREAM",):
+        if PREFIX + key in env:
+            raise ConfigError(_ENGINES, env[_ENGINES], f"{_ENGINES} or {PREFIX}{key}, not both "
+                              f"({PREFIX}{key} names one engine)")
+    urls = [url for _, url in config.engines]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(_ENGINES, env[_ENGINES], "one URL per engine (two names share one)")
+
+
+def _check_stop_rung(config: Config, env: Mapping[str, str]) -> None:
+    """A stop rung needs both commands; a Kubernetes sidecar given none cannot stop its engine."""
+    if config.ladder is None or config.ladder.stop_after is None:
+        return
+    missing = [PREFIX + name for name, value in (("ENGINE_STOP_COMMAND", config.stop_command),
+                                                 ("ENGINE_START_COMMAND", config.start_command))
+               if value is None]
+    if not missing:
+        return
+    if "KUBERNETES_SERVICE_HOST" in env and len(missing) == 2:
+        raise ConfigError(PREFIX + "LADDER", env[PREFIX + "LADDER"],
+                          "no 'stop' rung here: autosleepd runs in a Kubernetes pod "
+                          "(KUBERNETES_SERVICE_HOST is set) and has no command to stop and start "
+                          "its engine; a sidecar cannot stop the container beside it. End the "
+                          "ladder with a sleep rung (5m:1,2h:2), or set "
+                          f"{PREFIX}ENGINE_STOP_COMMAND and {PREFIX}ENGINE_START_COMMAND")
+    raise ConfigError(PREFIX + "LADDER", env[PREFIX + "LADDER"],
+                      f"a 'stop' rung only with {' and '.join(missing)} set (the commands that "
+                      "stop and start the engine's process, such as 'systemctl stop vllm@NAME')")
+
+
 def _event_loop(raw: str) -> str:
     value = _choice(("auto", "uvloop", "asyncio"))(raw)
     if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
@@ -391,7 +503,7 @@ def _ladder(raw: str) -> Ladder:
     try:
         return Ladder.parse(raw, parse_duration)
     except ValueError as error:
-        raise _Invalid(f"rungs such as '5m:1,2h:2' ({error})") from None
+        raise _Invalid(f"rungs such as '5m:1,2h:2' or '5m:1,2h:2,12h:stop' ({error})") from None
 
 
 def _absolute_file(raw: str) -> str:

@@ -68,6 +68,13 @@ class Metrics(Observer):
         self.restarts = Counter("autosleepd_engine_restarts_total",
                                 "Runs of the restart command for a broken engine, by outcome.",
                                 ["outcome"], registry=r)
+        self.stops = Counter("autosleepd_engine_stops_total",
+                             "Engine processes stopped at the ladder's stop rung.", registry=r)
+        self.starts = Counter("autosleepd_engine_starts_total",
+                              "Starts of a stopped engine, by outcome.", ["outcome"], registry=r)
+        self.start_seconds = Histogram("autosleepd_engine_start_duration_seconds",
+                                       "A cold start: the start command, /health, the check.",
+                                       buckets=TRANSITION_BUCKETS, registry=r)
         for reason in (*Refused.REASONS, "blocked_path"):
             self.refused.labels(reason)
         self._read_status: Callable[[], Status] | None = None
@@ -105,6 +112,14 @@ class Metrics(Observer):
 
     def restarted(self, ok: bool) -> None:
         self.restarts.labels("ok" if ok else "failed").inc()
+
+    def engine_stopped(self, seconds: float) -> None:
+        self.stops.inc()
+
+    def engine_started(self, ok: bool, seconds: float) -> None:
+        self.starts.labels("ok" if ok else "failed").inc()
+        if ok:
+            self.start_seconds.observe(seconds)
 
     def held_abandoned(self) -> None:
         self.abandoned.inc()
@@ -208,8 +223,31 @@ class _LiveCollector:
         yield GaugeMetricFamily("autosleepd_next_transition_seconds",
                                 "Seconds until the next planned transition (-1: none planned).",
                                 value=max(0.0, upcoming.at - live.now) if upcoming else -1.0)
+        yield from _power_families(live.power)
         freed = live.stats.gpu_memory_freed_bytes
         if freed is not None:
             yield GaugeMetricFamily("autosleepd_gpu_memory_freed_bytes",
                                     "GPU memory freed by the last sleep, as NVML saw it.",
                                     value=float(freed))
+
+
+def _power_families(power: dict | None) -> Iterable:
+    """The engine's GPU draw, energy per state and the estimated saving (gpu/power.py)."""
+    if not power:
+        return
+    watts = GaugeMetricFamily("autosleepd_gpu_power_watts", "Power draw of each of the engine's "
+                              "GPUs at the last reading (NVML).", labels=["gpu"])
+    for uuid, value in power["gpu_watts"].items():
+        watts.add_metric([uuid], value)
+    yield watts
+    if power["awake_idle_watts"] is not None:
+        yield GaugeMetricFamily("autosleepd_gpu_awake_idle_watts", "The engine's GPUs' draw when "
+                                "awake with no work, as measured.", value=power["awake_idle_watts"])
+    energy = CounterMetricFamily("autosleepd_gpu_energy_watt_hours", "Energy the engine's GPUs "
+                                 "used, by the engine's state.", labels=["state"])
+    for state, value in power["energy_wh"].items():
+        energy.add_metric([state], value)
+    yield energy
+    yield GaugeMetricFamily("autosleepd_energy_saved_watt_hours", "Estimated energy saved against "
+                            "staying awake and idle, from measured draws (a cold start counts "
+                            "against it).", value=power["saved_wh"])

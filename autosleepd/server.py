@@ -13,8 +13,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from pathlib import Path
-from zoneinfo import ZoneInfo
+from dataclasses import replace
 
 import structlog
 from aiohttp import web
@@ -22,18 +21,15 @@ from aiohttp import web
 from .clock import Clock, LoopClock
 from .config import Config, local_url
 from .control.admin import Admin
-from .control.engine import EngineClient
-from .control.restart import CommandRestarter
-from .control.supervisor import Restarter, Supervisor
-from .gpu.guard import MemoryGuard
-from .heap import HeapTrimmer
-from .gpu.neighbours import Coordinator
+from .control.supervisor import Restarter
 from .gpu.readers import GpuReader, HostProcesses, Processes, open_nvml
-from .metrics import Metrics
+from .host import Host, HostedEngine
 from .notify import SystemdNotifier
-from .policy.prewake import PrewakeLearner
+from .proxy.errors import error_response
 from .proxy.relay import Relay
+from .proxy.route import model_of
 from .proxy.upstream import Upstream
+from .ui import add_page_routes
 
 
 RECEIVE_BUFFER = 16 * 1024
@@ -46,6 +42,10 @@ async def _client_address(request: web.Request, handler):
     return await handler(request.clone(remote=forwarded.rpartition(",")[2].strip() or None))
 
 
+class StartError(Exception):
+    """autosleepd cannot start here; the message says why and what to set."""
+
+
 class Autosleepd:
     def __init__(self, config: Config, clock: Clock | None = None, gpu: GpuReader | None = None,
                  processes: Processes | None = None, restart: Restarter | None = None):
@@ -56,56 +56,60 @@ class Autosleepd:
         self._processes = processes
         self._log = structlog.get_logger("autosleepd")
         self.port: int | None = None
+        self._private_dir: str | None = None
 
     async def start(self) -> None:
         config = self.config
-        self.engine = EngineClient(config.upstream, config.connect_timeout, config.upstream_api_key)
-        await self.engine.start()
         gpu = self._gpu or open_nvml()
-        guard = None
         if gpu is None:
             self._log.warning("memory_guard_off", reason="NVML is not available (no GPU or driver "
                               "here): wakes are not checked for GPU memory")
-        else:
-            guard = MemoryGuard(config, gpu, self._processes or HostProcesses())
-        self.metrics = Metrics()
+        shared = replace(config, instance=config.instance or self._instance_name())
+        if len(config.engine_urls) > 1 and config.coordination_dir is None:
+            # Engines of one process evict each other by the same protocol as separate sidecars.
+            try:
+                self._private_dir = tempfile.mkdtemp(prefix="autosleepd-")
+            except OSError as error:
+                raise StartError(f"cannot make the engines' coordination directory in "
+                                 f"{tempfile.gettempdir()} ({error.strerror}): set "
+                                 "AUTOSLEEPD_COORDINATION_DIR to a writable directory") from None
+            shared = replace(shared, coordination_dir=self._private_dir)
+        clock = self._clock or LoopClock()
+        engines = [HostedEngine(name, shared.for_engine(name, url), clock, gpu,
+                                self._processes or HostProcesses(), self._restart)
+                   for name, url in config.engine_urls]
+        self.host = Host(engines)
+        first = engines[0]
+        # The first engine's parts, by the names a single-engine instance has always had.
+        self.engine, self.supervisor = first.client, first.supervisor
+        self.metrics, self.coordinator, self.power = first.metrics, first.coordinator, first.power
         self.notifier = SystemdNotifier()
-        self.coordinator = None
-        if config.coordination_dir:
-            self.coordinator = Coordinator(config.coordination_dir, self._instance_name(),
-                                           request_timeout=config.sleep_timeout)
-            self.coordinator.prepare()
-        restart = self._restart
-        if restart is None and config.restart_command:
-            restart = CommandRestarter(config.restart_command)
-        learner = None
-        if config.prewake == "learned":
-            learner = PrewakeLearner(ZoneInfo(config.timezone), lead=config.prewake_lead,
-                                     path=Path(config.state_file) if config.state_file else None)
-            if config.state_file is None:
-                self._log.warning("prewake_state_in_memory", hint="set AUTOSLEEPD_STATE_FILE so "
-                                  "what the pre-wake learned survives a restart")
-        self.supervisor = Supervisor(config, self.engine, self._clock or LoopClock(),
-                                     observers=(self.metrics, self.notifier), guard=guard,
-                                     neighbours=self.coordinator, restart=restart, learner=learner)
-        self.supervisor.add_observer(HeapTrimmer(lambda: self.supervisor.admission.idle))
-        self.metrics.watch(self.supervisor.status,
-                           self.coordinator.status if self.coordinator is not None else None)
-        self.admin = Admin(self.supervisor, config.admin_token, config.sleep_level, self._status)
-        # autosleepd's own endpoints: an aiohttp app on a private unix socket, reached through
-        # the relay like any upstream (so one parser and one set of connection rules face
-        # clients); the relay passes the client's address last in X-Forwarded-For.
+        first.supervisor.add_observer(self.notifier)
+        try:
+            for engine in engines:
+                await engine.start()
+        except OSError:
+            await self._close_clients()
+            raise
+        self.admin = Admin(self.host, config.admin_token, config.sleep_level, self._status)
+        # autosleepd's own endpoints (and, with several engines, the host's /v1/models): an
+        # aiohttp app on a private unix socket, reached through the relay like any upstream, so
+        # one parser and one set of connection rules face clients; the relay passes the
+        # client's address last in X-Forwarded-For.
         app = web.Application(middlewares=[_client_address])
-        app.router.add_get("/autosleepd/metrics", self.metrics.handle)
+        app.router.add_get("/autosleepd/metrics", self._metrics)
+        add_page_routes(app)
         app.add_routes(self.admin.routes())
+        if not self.host.single:
+            app.router.add_get("/v1/models", self._models)
+            app.router.add_get("/v1/models/{model:.*}", self._models)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
         self._own_dir = tempfile.mkdtemp(prefix="autosleepd-")   # mode 0700: ours alone
         own_socket = os.path.join(self._own_dir, "own.sock")
         await web.UnixSite(self._runner, own_socket).start()
-        self.relay = Relay(config, self.supervisor, Upstream(unix_path=own_socket))
-        self.relay.observer = self.metrics
+        self.relay = Relay(config, self.host, Upstream(unix_path=own_socket))
         loop = asyncio.get_running_loop()
         # A backlog like uvicorn's: a burst of clients connecting at once must not have its
         # connects dropped (each drop costs the client a one-second SYN retry).
@@ -113,57 +117,97 @@ class Autosleepd:
             self._listener = await loop.create_server(self.relay.protocol, config.host, config.port,
                                                       backlog=2048, reuse_address=True)
         except OSError:
+            await self._runner.cleanup()
+            shutil.rmtree(self._own_dir, ignore_errors=True)
             await self._close_clients()
             raise
         for sock in self._listener.sockets:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.port = self._listener.sockets[0].getsockname()[1]
         self._tasks = [asyncio.create_task(self.notifier.keep_watchdog_fed())]
-        if self.coordinator is not None:
-            await self.coordinator.serve(self.supervisor, self.url)
-        self._control = asyncio.create_task(self.supervisor.run(), name="autosleepd-control")
+        for engine in engines:
+            await engine.serve(self.url)
+        self._control = (engines[0].control if self.host.single else
+                         asyncio.create_task(_first_to_end([e.control for e in engines]),
+                                             name="autosleepd-control"))
         self.notifier.ready(self.supervisor.state.value)
-        self._log.info("listening", host=config.host, port=self.port, upstream=config.upstream,
-                       idle_timeout_s=config.idle_timeout, sleep_level=config.sleep_level)
+        self._log.info("listening", host=config.host, port=self.port,
+                       engines={e.name: e.config.upstream for e in engines},
+                       upstream=config.upstream, idle_timeout_s=config.idle_timeout,
+                       sleep_level=config.sleep_level)
 
     @property
     def url(self) -> str:
         return local_url(self.config.host, self.port)
 
     async def shutdown(self) -> None:
-        self._log.info("shutting_down", in_flight=self.supervisor.admission.in_flight,
-                       queued=self.supervisor.admission.queued)
+        engines = self.host.engines
+        self._log.info("shutting_down", in_flight=sum(e.supervisor.admission.in_flight for e in engines),
+                       queued=sum(e.supervisor.admission.queued for e in engines))
         self.notifier.stopping()
         self._listener.close()                  # no new connections
-        self.supervisor.close()                 # held requests get 503, new ones too
-        drained = await self.supervisor.wait_drained(self.config.shutdown_timeout)
-        if not drained:
-            self._log.warning("shutdown_timeout", in_flight=self.supervisor.admission.in_flight)
+        for engine in engines:
+            engine.supervisor.close()           # held requests get 503, new ones too
+        drained = await asyncio.gather(*(e.supervisor.wait_drained(self.config.shutdown_timeout)
+                                         for e in engines))
+        if not all(drained):
+            self._log.warning("shutdown_timeout",
+                              in_flight=sum(e.supervisor.admission.in_flight for e in engines))
         self._control.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(self._control, *self._tasks, return_exceptions=True)
-        if self.coordinator is not None:
-            await self.coordinator.close()
         await self.relay.finish(timeout=1.0)   # answers in progress (passive ones) end
-        await self._close_clients()
+        for engine in engines:
+            await engine.stop()
+        await self._runner.cleanup()
+        shutil.rmtree(self._own_dir, ignore_errors=True)
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
         self.notifier.close()
         self._log.info("stopped")
 
-    def _status(self) -> dict:
-        """The wire form of GET /autosleepd/status."""
-        status = self.supervisor.status().to_json()
-        if self.coordinator is not None:
-            status["coordination"] = self.coordinator.status()
+    async def _models(self, request: web.Request) -> web.Response:
+        """GET /v1/models on a host of several: its models, asleep or not; all of them, or the
+        one the path names."""
+        listed = self.host.models_list()
+        model = model_of(request.method, request.path, "", b"")
+        if model is None:
+            return web.json_response(listed)
+        found = next((entry for entry in listed["data"] if entry["id"] == model), None)
+        if found is None:
+            return error_response(404, f"the model {model[:200]!r} does not exist here "
+                                  f"(available: {', '.join(self.host.model_names())})",
+                                  "invalid_request_error", "model_not_found")
+        return web.json_response(found)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        """One engine's series; on a host of several, ?engine=NAME says which."""
+        name = request.query.get("engine")
+        if name is None and self.host.single:
+            return await self.metrics.handle(request)
+        engine = self.host.by_name.get(name or "")
+        if engine is None:
+            return web.json_response({"error": {
+                "message": f"?engine= names one of {', '.join(self.host.by_name)}: this host "
+                           "serves several engines, and each has its own series",
+                "type": "invalid_request_error", "param": "engine", "code": "unknown_engine"}},
+                status=400 if name is None else 404)
+        return await engine.metrics.handle(request)
+
+    def _status(self, engine: HostedEngine) -> dict:
+        """The wire form of GET /autosleepd/status for one engine."""
+        status = engine.supervisor.status().to_json()
+        if engine.coordinator is not None:
+            status["coordination"] = engine.coordinator.status()
         return status
 
     def _instance_name(self) -> str:
         return self.config.instance or f"{self.config.host.replace(':', '_')}-{self.config.port}"
 
     async def _close_clients(self) -> None:
-        await self._runner.cleanup()
-        shutil.rmtree(self._own_dir, ignore_errors=True)
-        await self.engine.close()
+        for engine in self.host.engines:
+            await engine.close_clients()
 
     async def serve_forever(self) -> int:
         """Run until a signal (exit 0) or a failure of the control loop (exit 1)."""
@@ -189,3 +233,10 @@ class Autosleepd:
             return 1
         await self.shutdown()
         return 0
+
+
+async def _first_to_end(tasks: list[asyncio.Task]) -> None:
+    """Ends (with its error) as soon as one engine's control loop does: none may die silently."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        task.result()

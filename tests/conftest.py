@@ -157,15 +157,16 @@ async def make_proxy():
     servers: list[Autosleepd] = []
 
     async def make(upstream: str, wait_ready: bool = True, gpu=None, processes=None,
-                   restart=None, **overrides) -> Autosleepd:
+                   restart=None, clock=None, **overrides) -> Autosleepd:
         defaults = dict(upstream=upstream, host="127.0.0.1", port=0, idle_timeout=0,
                         wake_timeout=10.0, probe_interval=30.0)
         server = Autosleepd(dataclasses.replace(Config(), **{**defaults, **overrides}),
-                            gpu=gpu or NoGpu(), processes=processes, restart=restart)
+                            gpu=gpu or NoGpu(), processes=processes, restart=restart, clock=clock)
         await server.start()
         servers.append(server)
         if wait_ready:
-            await server.supervisor.wait_for(State.AWAKE, State.ASLEEP, timeout=5)
+            for engine in server.host.engines:
+                await engine.supervisor.wait_for(State.AWAKE, State.ASLEEP, timeout=5)
         return server
 
     yield make

@@ -85,13 +85,22 @@ def _env(service: dict) -> dict:
     return env if isinstance(env, dict) else dict(item.split("=", 1) for item in env)
 
 
+def _upstreams(sidecar: dict) -> dict[str | None, str]:
+    """The engines an autosleepd service fronts, {name: URL}; one unnamed without ENGINES."""
+    env = _env(sidecar)
+    if "AUTOSLEEPD_ENGINES" in env:
+        return dict(item.split("=", 1) for item in env["AUTOSLEEPD_ENGINES"].split(","))
+    return {None: env["AUTOSLEEPD_UPSTREAM"]}
+
+
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_compose_keeps_vllm_internal_and_points_each_sidecar_at_its_engine(name: str):
     compose = _compose(name)
     services, networks = compose["services"], compose["networks"]
     engines = {n: s for n, s in services.items() if s["image"].startswith("vllm/")}
-    sidecars = {n: s for n, s in services.items() if "AUTOSLEEPD_UPSTREAM" in _env(s)}
-    assert engines and len(sidecars) == len(engines)
+    sidecars = {n: s for n, s in services.items()
+                if {"AUTOSLEEPD_UPSTREAM", "AUTOSLEEPD_ENGINES"} & set(_env(s))}
+    assert engines and sidecars
     for engine_name, engine in engines.items():
         assert "ports" not in engine, f"{engine_name} must not be published"
         assert _env(engine).get("VLLM_SERVER_DEV_MODE") == "1"
@@ -99,14 +108,21 @@ def test_compose_keeps_vllm_internal_and_points_each_sidecar_at_its_engine(name:
             f"{engine_name} runs dev mode, so it may sit on internal networks only"
         assert "--enable-sleep-mode" in engine["command"]
         assert "healthcheck" in engine
-    pointed = set()
+    pointed = []
     for sidecar_name, sidecar in sidecars.items():
-        upstream = urlsplit(_env(sidecar)["AUTOSLEEPD_UPSTREAM"])
-        assert upstream.hostname in engines, f"{sidecar_name} points at {upstream.hostname}"
-        command = engines[upstream.hostname]["command"]
-        assert command[command.index("--port") + 1] == str(upstream.port)
-        assert set(engines[upstream.hostname]["networks"]) & set(sidecar["networks"])
-        assert sidecar["depends_on"][upstream.hostname]
+        for engine_label, url in _upstreams(sidecar).items():
+            upstream = urlsplit(url)
+            assert upstream.hostname in engines, f"{sidecar_name} points at {upstream.hostname}"
+            command = engines[upstream.hostname]["command"]
+            assert command[command.index("--port") + 1] == str(upstream.port)
+            assert set(engines[upstream.hostname]["networks"]) & set(sidecar["networks"])
+            assert sidecar["depends_on"][upstream.hostname]
+            # A broken engine is restarted: its healthcheck asks about it, by name where the
+            # service fronts several.
+            check = " ".join(engines[upstream.hostname]["healthcheck"]["test"])
+            asked = "" if engine_label is None else f"?engine={engine_label}"
+            assert f"http://{sidecar_name}:8080/autosleepd/engine-healthz{asked}" in check
+            pointed.append(upstream.hostname)
         assert any(p.endswith(":8080") for p in sidecar["ports"])
         # Outlives vLLM: no shared PID namespace (vLLM's PID 1 exiting would kill it), a grace
         # period that covers the 30 s drain, the token from its env file, not interpolation.
@@ -118,11 +134,7 @@ def test_compose_keeps_vllm_internal_and_points_each_sidecar_at_its_engine(name:
         devices = sidecar["deploy"]["resources"]["reservations"]["devices"]
         assert [d["capabilities"] for d in devices] == [["utility"]]   # NVML, no GPU compute
         assert "/autosleepd/healthz" in " ".join(sidecar["healthcheck"]["test"])
-        # A broken engine is restarted: its healthcheck asks its own sidecar.
-        check = " ".join(engines[upstream.hostname]["healthcheck"]["test"])
-        assert f"http://{sidecar_name}:8080/autosleepd/engine-healthz" in check
-        pointed.add(upstream.hostname)
-    assert pointed == set(engines), "each engine has exactly one sidecar"
+    assert sorted(pointed) == sorted(engines), "each engine is fronted exactly once"
 
 
 def _seconds(text: str) -> float:
@@ -138,17 +150,20 @@ def test_compose_needs_no_variable_to_be_managed_from_a_new_shell(name: str):
     assert "autosleepd.env" in (ROOT / ".gitignore").read_text().split()
 
 
-def test_two_models_share_one_gpu_through_a_coordination_volume():
+def test_two_models_share_one_gpu_behind_one_port():
     compose = _compose("docker-compose.two-models.yml")
-    sidecars = [s for s in compose["services"].values() if "AUTOSLEEPD_UPSTREAM" in _env(s)]
-    dirs = {_env(s)["AUTOSLEEPD_COORDINATION_DIR"] for s in sidecars}
-    assert len(dirs) == 1
-    mounts = {tuple(v.split(":")[:2]) for s in sidecars for v in s["volumes"]}
-    assert mounts == {("coordination", dirs.pop())}
-    gpus = {tuple(d["device_ids"]) for s in compose["services"].values()
+    services = compose["services"]
+    sidecars = [s for s in services.values() if "AUTOSLEEPD_ENGINES" in _env(s)]
+    assert len(sidecars) == 1 and sidecars[0]["ports"] == ["8080:8080"]
+    for label, url in _upstreams(sidecars[0]).items():
+        command = services[urlsplit(url).hostname]["command"]
+        # the engine's name is its served model name: requests route before /v1/models is read
+        assert command[command.index("--served-model-name") + 1] == label
+    gpus = {tuple(d["device_ids"]) for s in services.values()
             for d in s["deploy"]["resources"]["reservations"]["devices"]}
     assert gpus == {("0",)}
-    assert len({_env(s)["AUTOSLEEPD_INSTANCE"] for s in sidecars}) == len(sidecars)
+    from autosleepd.config import Config
+    assert len(Config.from_env(_env(sidecars[0])).engines) == 2
 
 
 def test_the_dockerfile_is_pinned_and_runs_as_a_user():
@@ -214,6 +229,30 @@ def _pod() -> tuple[dict, dict, dict]:
     pod = deployment["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in pod["containers"]}
     return pod, containers["vllm"], containers["autosleepd"]
+
+
+def test_the_one_port_pod_fronts_both_engines_and_probes_each_by_name():
+    from autosleepd.config import Config
+    documents = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/one-port-two-models.yaml").read_text()) if d]
+    pod = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    sidecar = containers.pop("autosleepd")
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    config = Config.from_env({k: v for k, v in env.items()   # the directory exists in the pod only
+                              if k.startswith("AUTOSLEEPD_") and v and k != "AUTOSLEEPD_COORDINATION_DIR"})
+    served = {}
+    for vllm in containers.values():
+        args = vllm["args"]
+        assert "ports" not in vllm and args[args.index("--host") + 1] == "127.0.0.1"
+        served[args[args.index("--served-model-name") + 1]] = f"http://127.0.0.1:{args[args.index('--port') + 1]}"
+        probe = vllm["livenessProbe"]["httpGet"]
+        name = args[args.index("--served-model-name") + 1]
+        assert probe == {"path": f"/autosleepd/engine-healthz?engine={name}", "port": 8080}
+    assert dict(config.engines) == served
+    mounts = {m["mountPath"] for m in sidecar["volumeMounts"]}
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] and env["AUTOSLEEPD_COORDINATION_DIR"] in mounts
+    service = next(d for d in documents if d["kind"] == "Service")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
 
 
 def test_the_sidecar_is_hardened_and_reads_nvml_without_a_gpu():

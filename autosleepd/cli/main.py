@@ -1,4 +1,5 @@
-"""The command line: ``autosleepd`` (serve), ``status|sleep|wake``, ``sim`` and ``demo``."""
+"""The command line: ``autosleepd`` (serve), ``status|sleep|wake|ps|pin|unpin``, ``sim`` and
+``demo``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import structlog
 
 from .. import __version__, log
 from ..config import Config, ConfigError, parse_duration, parse_size, unknown_variables
-from ..server import Autosleepd
+from ..server import Autosleepd, StartError
 from . import remote
 
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "sim":
         from .demo import run_sim   # the simulator is loaded only for sim and demo
         return run_sim(args)
-    if command in ("status", "sleep", "wake"):
+    if command in ("status", "sleep", "wake", "ps", "pin", "unpin"):
         return remote.run(command, args, os.environ)
     try:
         config = Config.from_env(os.environ)
@@ -68,14 +69,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-tour", action="store_true", help="serve only; send no requests")
     for name, help_text in (("status", "show a running instance's state"),
                             ("sleep", "put the engine to sleep now (drains first)"),
-                            ("wake", "wake the engine now")):
+                            ("wake", "wake the engine now"),
+                            ("ps", "show every engine of the host: models, state, memory, next step"),
+                            ("pin", "keep a model's engine awake (for DURATION, else until unpinned)"),
+                            ("unpin", "let a pinned model's engine sleep again")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--url", help="the instance (default: $AUTOSLEEPD_URL, else built from "
                                        "AUTOSLEEPD_HOST and AUTOSLEEPD_PORT)")
-        sub.add_argument("--json", action="store_true", help="print the raw JSON status")
+        sub.add_argument("--json", action="store_true", help="print the raw JSON answer")
         if name == "sleep":
             sub.add_argument("--level", type=int, choices=(1, 2),
                              help="sleep level (default: the instance's AUTOSLEEPD_SLEEP_LEVEL)")
+        if name in ("status", "sleep", "wake"):
+            sub.add_argument("--model", help="which engine, by a model it serves (or its name); "
+                                             "needed where the host serves several")
+        if name in ("pin", "unpin"):
+            sub.add_argument("model", help="a model the engine serves (or the engine's name)")
+        if name == "pin":
+            sub.add_argument("duration", nargs="?", help="such as 30m or 2h (default: until unpinned)")
     sim = commands.add_parser("sim", help="run the vLLM simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
@@ -124,6 +135,9 @@ async def _serve(config: Config) -> int:
     server = Autosleepd(config)
     try:
         await server.start()
+    except StartError as error:
+        print(f"autosleepd: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"autosleepd: cannot listen on {config.host}:{config.port} "
               f"(AUTOSLEEPD_HOST/AUTOSLEEPD_PORT): {error.strerror or error}", file=sys.stderr)

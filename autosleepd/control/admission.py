@@ -112,6 +112,15 @@ def why_expired(status: Status, wake_timeout: float,
                 f"{status.stats.broken_reason}); it needs a restart", None)
     if status.state in (State.STARTING, State.UNAVAILABLE):
         return "engine_unavailable", f"the engine did not answer within {wake_timeout:g}s", None
+    if status.state in (State.STOPPED, State.LAUNCHING):
+        # A cold start: Retry-After from the last measured one, less what this one has taken.
+        measured, left = status.stats.last_start_seconds, None
+        if measured is not None:
+            left = max(1.0, measured - (status.state_seconds if status.state is State.LAUNCHING else 0))
+        took = f"; the last took {measured:g}s" if measured is not None else ""
+        return ("wake_timeout", f"the stopped engine did not start within {wake_timeout:g}s (a "
+                f"cold start{took}); the start goes on. AUTOSLEEPD_WAKE_TIMEOUT above the start "
+                "time holds requests through it", left)
     # Retry-After from what the wake is expected to take still (the last one's duration).
     expected, left = status.stats.last_wake_seconds, None
     if status.state is State.WAKING and expected is not None:

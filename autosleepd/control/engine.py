@@ -143,6 +143,10 @@ class EngineClient:
             raise EngineNonsense(f"GET /is_sleeping answered is_sleeping={value!r}, expected a boolean")
         return value
 
+    async def health(self, timeout: float = 5.0) -> None:
+        """``GET /health``: raises unless the engine's server is up (200)."""
+        await self._call("GET", "/health", timeout)
+
     async def sleep_level(self, timeout: float = 5.0) -> int | None:
         """The level a sleeping engine sleeps at, from vllm:engine_sleep_state; None if unknown."""
         try:
@@ -202,6 +206,14 @@ class EngineClient:
         if tokens and all(ids):
             return Fingerprint((int(m.group(1)) for m in ids), "token_ids", text)
         return Fingerprint(map(ord, text), "text", text)
+
+    async def models(self, timeout: float = 5.0) -> list[str]:
+        """The model names the engine serves (its /v1/models: answered asleep too, never wakes)."""
+        body = await self._call("GET", "/v1/models", timeout)
+        try:
+            return [str(entry["id"]) for entry in json.loads(body)["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise EngineNonsense(f"GET /v1/models answered {body[:200]!r}, expected a model list") from None
 
     async def _complete(self, timeout: float, request: dict) -> dict:
         """One completion of the served model (asked once, and again after a refusal)."""

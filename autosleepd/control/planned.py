@@ -1,4 +1,4 @@
-"""Carrying out what a planner planned: a sleep, a (pre-)wake, a ladder step, a recycle.
+"""Carrying out what a planner planned: a sleep, a (pre-)wake, a ladder step or stop, a recycle.
 
 Ladder steps and recycles need the GPU room of a whole awake engine (a step wakes it for a
 moment; a recycle starts a fresh one); without room they are skipped and the planner told.
@@ -20,6 +20,11 @@ async def carry_out(owner, planned: Planned) -> None:
     if order is Event.IDLE:
         await owner.sleep(planned.level, order)
         return
+    if order is Event.STOP:
+        _log.info("stop", reason=planned.reason)
+        await owner.stop()
+        _done(owner, planned, owner.state is State.STOPPED)
+        return
     if order in (Event.LADDER, Event.RECYCLE):   # both need the GPU room of a full engine
         why = await _no_room(owner)
         if why is not None:
@@ -39,7 +44,7 @@ async def carry_out(owner, planned: Planned) -> None:
 
 
 def _done(owner, planned: Planned, carried_out: bool) -> None:
-    if planned.order == "ladder":
+    if planned.order in ("ladder", "stop"):
         if carried_out:
             owner.stats.ladder_steps += 1
         else:

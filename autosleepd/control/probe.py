@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import structlog
 
-from .engine import EngineError, EngineUnreachable, SleepUnsupported
+from .engine import EngineError, EngineTimeout, EngineUnreachable, SleepUnsupported
 from .states import Event, State
 
 # Re-reading an unreachable engine: quick at first (a restart is often fast), then every second.
@@ -20,6 +20,11 @@ UNREACHABLE_BACKOFF = (0.05, 1.0)
 CHECK_GAP = 1.0
 PROBE_TIMEOUT = 10.0
 LOG_BACKOFF_MAX = 300.0
+
+
+def port_refuses(error) -> bool:
+    """The engine's port refuses connections: its process is gone (a slow answer is not)."""
+    return isinstance(error, EngineUnreachable) and not isinstance(error, EngineTimeout)
 
 
 class Prober:
@@ -74,6 +79,11 @@ class Prober:
         self.asked = self.gate_closed = False
         self.next_check = self._clock.now() + CHECK_GAP
         if isinstance(sleeping, EngineError):
+            if owner.state is State.STARTING and owner.stop_rung and port_refuses(sleeping):
+                owner.apply(Event.FOUND_STOPPED, error=str(sleeping))   # the next request starts it
+            if owner.state is State.STOPPED:   # stopped on purpose: nothing to report
+                self.next_probe = self._clock.now() + owner.config.probe_interval
+                return
             self._unreachable(sleeping)
             owner.apply(Event.PROBE_FAILED, error=str(sleeping))
             return

@@ -32,6 +32,13 @@ class Stats:
     recycles: int = 0              # restarts of an asleep engine whose leftover memory grew
     check_failures: int = 0        # wakes whose output check failed
     broken_reason: str | None = None
+    stops: int = 0                 # the engine stopped at the ladder's stop rung
+    stop_failures: int = 0
+    starts: int = 0                # the stopped engine started again, healthy
+    start_failures: int = 0
+    last_stop_seconds: float | None = None
+    last_start_seconds: float | None = None   # a cold start: command, /health, check
+    start_failure: str | None = None          # why the last start failed, until one succeeds
     config_error: str | None = None   # autosleepd's own calls were refused (an API key missing)
 
     def record(self, outcome: Outcome) -> None:
@@ -51,6 +58,19 @@ class Stats:
             self.last_error = outcome.detail
         elif event is Event.WAKE_FAILED:
             self.broken_reason = outcome.detail
+        elif event is Event.ENGINE_STOPPED:
+            self.stops += 1
+            self.last_stop_seconds = round(outcome.seconds, 3)
+        elif event is Event.STOP_FAILED:
+            self.stop_failures += 1
+            self.last_error = outcome.detail
+        elif event is Event.ENGINE_STARTED:
+            self.starts += 1
+            self.last_start_seconds = round(outcome.seconds, 3)
+            self.start_failure = None
+        elif event is Event.START_FAILED:
+            self.start_failures += 1
+            self.start_failure = self.last_error = outcome.detail
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,8 @@ class Status:
     next_transition: Planned | None = None
     prewakes_used: int | None = None
     prewakes_wasted: int | None = None
+    power: dict | None = None      # the engine's GPU draw, energy per state, saving (gpu/power.py)
+    level_auto: dict | None = None  # AUTOSLEEPD_SLEEP_LEVEL=auto: its last choice, the times it uses
     # Not on the wire: for planners, which work in clock time.
     now: float = field(default=0.0, repr=False)
     wall: float = field(default=0.0, repr=False)
@@ -123,4 +145,6 @@ class Status:
             "next_transition": upcoming,
             "prewakes_used": self.prewakes_used,
             "prewakes_wasted": self.prewakes_wasted,
+            "power": self.power,
+            "sleep_level_auto": self.level_auto,
         }

@@ -4,7 +4,7 @@ changes the state (llama-swap #946: a decision taken on a stale view deadlocked)
 - What may happen is in ``states.py`` (the table); this file decides *when* and applies it.
 - The proxy calls ``admit``/``release`` and reports what it sees (``engine_unreachable``,
   ``stalled``); admin endpoints and neighbours place orders; planners (``policy/``) say what is
-  due; the two slow procedures (``sleep.py``, ``wake.py``) return outcomes; the loop (``run``)
+  due; the slow procedures (``sleep.py``, ``wake.py``, ``stop.py``) return outcomes; the loop (``run``)
   turns each into an event and ``_apply`` moves the state and runs the entry effects.
 - Reading (``status``) changes nothing.
 """
@@ -20,6 +20,8 @@ import structlog
 
 from ..clock import Clock
 from ..config import Config
+from ..policy.pin import PinPlanner
+from ..policy.level import LevelInputs, LevelTimes, choose_level
 from ..policy.planner import build_planners
 from .admission import Admission, HoldExpired, why_expired
 from .check import Checker
@@ -30,6 +32,7 @@ from .sleep import fall_asleep, level_for_host_ram
 from .states import ON_ENTER, Event, Outcome, State, next_state
 from .status import Stats, Status
 from .planned import carry_out
+from .stop import start_engine, stop_engine
 from .wake import wake_engine
 
 RESTART_BACKOFF_MAX = 300.0   # re-running the restart command for an engine still broken
@@ -50,8 +53,11 @@ class Supervisor:
         self.config, self.engine, self.clock = config, engine, clock
         self.guard, self.neighbours, self._restart = guard, neighbours, restart
         self._learner = learner
+        self.power = None                   # the GPU power meter (gpu/power.py), when NVML is there
         self._observers = list(observers)
         self.planners = build_planners(config, learner)
+        self.pins = PinPlanner(config.keep_alive_max)   # pins and keep-alives: a planner's input
+        self.planners.add(self.pins)
         self.checker = Checker(config.wake_check, engine)
         self._log = structlog.get_logger("autosleepd.supervisor")
         # the engine as believed
@@ -61,6 +67,8 @@ class Supervisor:
         self.sleep_supported = True
         self.stats = Stats()
         self.cycles = 0                     # sleeps since the engine was (re)started
+        self.level_times = LevelTimes()     # measured sleeps and wakes, for AUTOSLEEPD_SLEEP_LEVEL=auto
+        self.level_choice: dict | None = None   # the last level auto chose, and why
         self.memory_wait: dict | None = None
         # activity, and the orders waiting for the loop
         self._changed = asyncio.Event()
@@ -75,6 +83,8 @@ class Supervisor:
         self._restart_delay = config.restart_backoff
         self._next_restart = clock.now()
         self._recycled = False              # the engine was restarted by a recycle: sleep it again
+        self._start_delay = config.restart_backoff   # after a failed start, before the next; doubles
+        self._next_start = clock.now()
         self._transitioned = asyncio.Event()
 
     # ----- the proxy ---------------------------------------------------------------------------
@@ -95,6 +105,9 @@ class Supervisor:
         self._arrived()
         if self.closing:
             raise self._refuse("shutting_down", "autosleepd is shutting down")
+        refused = self._start_backoff()
+        if refused is not None:
+            raise refused
         if self.admission.queued >= self.config.max_queue:
             raise self._refuse("queue_full", f"{self.admission.queued} requests are already "
                                f"waiting for the engine (AUTOSLEEPD_MAX_QUEUE={self.config.max_queue})")
@@ -155,7 +168,7 @@ class Supervisor:
                 return
             raise OrderFailed(f"the engine already sleeps at level {self.asleep_level}; "
                               "wake it before sleeping at another level")
-        if self.state in (State.STARTING, State.UNAVAILABLE, State.BROKEN):
+        if self.state in (State.STARTING, State.UNAVAILABLE, State.BROKEN, State.STOPPED):
             raise OrderFailed(f"the engine is {self.state.value}")
         if self._sleep_order is not None and self._sleep_order.level != level:
             raise OrderFailed(f"a sleep at level {self._sleep_order.level} is already under way")
@@ -168,11 +181,29 @@ class Supervisor:
         """Wake the engine; returns once awake. Raises ``OrderFailed``."""
         if self.state is State.AWAKE:
             return
+        refused = self._start_backoff()
+        if refused is not None:
+            raise OrderFailed(refused.message)
         try:
             await self.admission.hold(work=False, deadline=self.clock.now() + self.config.wake_timeout)
         except HoldExpired:
             raise OrderFailed(f"the engine did not wake within {self.config.wake_timeout:g}s "
                               f"(state: {self.state.value})") from None
+
+    def pin(self, seconds: float | None) -> None:
+        """Keep the engine awake for ``seconds`` (None: until unpinned); wakes it if asleep."""
+        self.pins.pin(self.clock.now(), self.clock.wall(), seconds)
+        self._log.info("pinned", seconds=seconds)
+        self._changed.set()
+
+    def unpin(self) -> None:
+        self.pins.unpin()
+        self._log.info("unpinned")
+        self._changed.set()
+
+    def keep_alive(self, seconds: float) -> None:
+        """A request asked for a longer idle window (bounded by AUTOSLEEPD_KEEP_ALIVE_MAX)."""
+        self.pins.ask_keep_alive(seconds)
 
     # ----- reading -----------------------------------------------------------------------------
 
@@ -180,8 +211,17 @@ class Supervisor:
     def broken(self) -> bool:
         return self.state is State.BROKEN
 
+    @property
+    def stop_rung(self) -> bool:
+        return self.config.ladder is not None and self.config.ladder.stop_after is not None
+
     def now(self) -> float:
         return self.clock.now()
+
+    def idle_seconds(self) -> float:
+        """Since the last work ended; 0 while any is in flight or held."""
+        a = self.admission
+        return max(0.0, self.clock.now() - a.last_work_end) if a.idle else 0.0
 
     def add_observer(self, observer: Observer) -> None:
         self._observers.append(observer)
@@ -198,12 +238,15 @@ class Supervisor:
             sleep_level=self.asleep_level if self.state is State.ASLEEP else config.sleep_level,
             sleep_supported=self.sleep_supported, autosleep=config.autosleep,
             idle_timeout_seconds=config.idle_timeout,
-            idle_seconds=0.0 if not a.idle else max(0.0, now - a.last_work_end),
+            idle_seconds=self.idle_seconds(),
             in_flight=a.in_flight, queued=a.queued, upstream=config.upstream,
             stats=replace(self.stats, config_error=self.checker.config_error),
             waiting_for_memory=(None if self.memory_wait is None else
                                 {k: v for k, v in self.memory_wait.items() if k != "text"}),
             memory=memory, residual_bytes=residue, cycles=self.cycles,
+            power=self.power.status() if self.power is not None else None,
+            level_auto=({"last_choice": self.level_choice, "times": self.level_times.as_dict()}
+                        if config.sleep_level_auto else None),
             prewakes_used=learner.used if learner else None,
             prewakes_wasted=learner.wasted if learner else None,
             now=now, wall=self.clock.wall())
@@ -248,6 +291,8 @@ class Supervisor:
     def _decide(self):
         """What the loop does next: (coroutine function, None), or (None, when to look again)."""
         now, state = self.clock.now(), self.state
+        if state is State.STOPPED:
+            return self._decide_stopped(now)
         if state in (State.STARTING, State.UNAVAILABLE, State.BROKEN):
             self._settle_order(OrderFailed(f"the engine is {state.value}"))
             if state is State.BROKEN and self.restart_pending and now >= self._next_restart:
@@ -279,11 +324,34 @@ class Supervisor:
             return self.prober.run, None
         return None, at if planned is None else min(planned.at, at)
 
+    def _decide_stopped(self, now: float):
+        self._settle_order(OrderFailed("the engine is stopped (the ladder's stop rung); a request "
+                                       "or a wake starts it"))
+        self.prober.asked = self.prober.gate_closed = False   # a closed port is expected here
+        if self.admission.waiting and now >= self._next_start:
+            why = Event.REQUEST if self.admission.queued else Event.MANUAL_WAKE
+            return (lambda: self.launch(why)), None
+        at = self.prober.next_probe
+        if now >= at:
+            return self.prober.run, None
+        return None, min(at, self._next_start) if self.admission.waiting else at
+
+    def _start_backoff(self) -> Refused | None:
+        """After a failed start, work is refused at once until the next start may be tried."""
+        if self.state is not State.STOPPED or self.stats.start_failure is None:
+            return None
+        left = self._next_start - self.clock.now()
+        if left <= 0:
+            return None
+        return self._refuse("engine_start_failed", "the engine is stopped and its last start "
+                            f"failed: {self.stats.start_failure}; the next start is tried in "
+                            f"{left:.0f}s", retry_after=left)
+
     # ----- acting: each ends by applying an event -----------------------------------------------
 
     async def found_awake(self) -> None:
         """The probe found the engine awake (a fresh one, or one woken behind our back)."""
-        fresh = self.state in (State.STARTING, State.UNAVAILABLE)
+        fresh = self.state in (State.STARTING, State.UNAVAILABLE, State.STOPPED)
         if fresh and not self._recycled:
             self.admission.last_work_end = self.clock.now()   # the idle window starts now
         self._recycled = False   # a recycled engine goes back to sleep at once
@@ -313,6 +381,11 @@ class Supervisor:
         self.apply(Event.RECOVERED)
 
     async def sleep(self, level: int, event: Event) -> None:
+        if self.config.sleep_level_auto and event is Event.IDLE:
+            level = self._choose_level()
+            if level is None:
+                self.admission.last_work_end = self.clock.now()   # ask again after another window
+                return
         chosen, refused = level_for_host_ram(self.guard, level)
         if chosen is None:
             self.admission.last_work_end = self.clock.now()   # ask again after another window
@@ -324,6 +397,7 @@ class Supervisor:
         self.stats.record(outcome)
         if outcome.event is Event.SLEPT:
             self.asleep_level = level
+            self.level_times.record_sleep(level, outcome.seconds)
             self.cycles += 1
             self.tell("slept", level, event.reason, outcome.seconds)
             self._settle_order(None)   # at the level asked for, or the fallback the guard chose
@@ -336,6 +410,21 @@ class Supervisor:
             self._settle_order(OrderFailed(f"the sleep failed: {outcome.detail}"))
         self._apply_outcome(outcome, event)
 
+    def _choose_level(self) -> int | None:
+        """AUTOSLEEPD_SLEEP_LEVEL=auto: the level of this idle sleep (policy/level.py), logged."""
+        resumes_in = None
+        if self._learner is not None:
+            wall = self.clock.wall()
+            resumes = self._learner.next_resumption(wall)
+            resumes_in = None if resumes is None else resumes - wall
+        available, weights = self.guard.host_ram() if self.guard is not None else (None, None)
+        inputs = LevelInputs(self.level_times, self.idle_seconds(), resumes_in, available, weights,
+                             self.config.wake_memory_margin)
+        choice = choose_level(inputs)
+        self._log.info("level_chosen", sleep_level=choice.level, reason=choice.reason, **inputs.as_log())
+        self.level_choice = {"level": choice.level, "reason": choice.reason}
+        return choice.level
+
     async def wake(self, event: Event, restarts_idle: bool = True) -> None:
         level = self.asleep_level or self.config.sleep_level
         self.apply(event, sleep_level=level)
@@ -343,6 +432,8 @@ class Supervisor:
         self.stats.record(outcome)
         if outcome.event in (Event.WOKE, Event.FOUND_AWAKE):
             self.asleep_level = None
+            if outcome.event is Event.WOKE:
+                self.level_times.record_wake(level, outcome.engine_seconds)
             if restarts_idle:
                 self.admission.last_work_end = self.clock.now()
             self.tell("woke", level, event.reason, outcome.seconds)
@@ -372,12 +463,52 @@ class Supervisor:
         self._restart_delay = min(self._restart_delay * 2, RESTART_BACKOFF_MAX)
         self.prober.next_probe = self.clock.now()
 
+    async def stop(self) -> None:
+        """The ladder's stop rung: the stop command, then the engine must be gone."""
+        self.apply(Event.STOP)
+        outcome = await stop_engine(self)
+        if outcome.event is not Event.FOUND_AWAKE:
+            self.stats.record(outcome)
+        if outcome.event is Event.ENGINE_STOPPED:
+            self.asleep_level = None
+            self.tell("engine_stopped", outcome.seconds)
+        elif outcome.event is Event.FOUND_AWAKE:
+            self.admission.last_work_end = self.clock.now()
+        self._apply_outcome(outcome, Event.STOP)
+
+    async def launch(self, event: Event) -> None:
+        """Start a stopped engine for the work (or manual wake) waiting for it."""
+        self.apply(event)
+        outcome = await start_engine(self)
+        self.stats.record(outcome)
+        now = self.clock.now()
+        if outcome.event is Event.START_FAILED:
+            self._next_start = now + self._start_delay
+            self._start_delay = min(self._start_delay * 2, RESTART_BACKOFF_MAX)
+            self.tell("engine_started", False, outcome.seconds)
+        else:
+            self._start_delay = self.config.restart_backoff
+            self.cycles, self.asleep_level = 0, None
+            self.admission.last_work_end = now
+            if outcome.event is Event.ENGINE_STARTED:
+                self.tell("engine_started", True, outcome.seconds)
+            elif outcome.event is Event.FOUND_ASLEEP:
+                self.asleep_level = await self.prober.level_found()
+            elif outcome.event is Event.CHECK_FAILED:
+                self.stats.check_failures += 1
+                self.stats.broken_reason = outcome.detail
+        self._apply_outcome(outcome, event)
+        if self.state is State.AWAKE and self.guard is not None:
+            await self.guard.learn(awake=True)
+
     def _apply_outcome(self, outcome: Outcome, order: Event) -> None:
         details = {"sleep_level": outcome.level}
         if outcome.detail is not None:
-            details["error" if outcome.event not in (Event.WOKE, Event.SLEPT) else "detail"] = outcome.detail
+            details["error" if outcome.event not in (Event.WOKE, Event.SLEPT, Event.ENGINE_STOPPED)
+                    else "detail"] = outcome.detail
         if outcome.engine_seconds is not None:
             details["engine_wake_s"] = round(outcome.engine_seconds, 4)
+        details["exit_status"] = outcome.exit_status
         self.apply(outcome.event, order=order.reason, **details)
 
     # ----- the one place the state changes ------------------------------------------------------
@@ -414,6 +545,15 @@ class Supervisor:
 
     def probe_soon(self) -> None:
         self.prober.soon()
+
+    def answer_held_after_failed_start(self) -> None:
+        refused = self._start_backoff()
+        if refused is not None:
+            self.admission.refuse_all(refused)
+
+    def probe_later(self) -> None:
+        """A stopped engine is read now and then: an operator may start it by hand."""
+        self.prober.next_probe = self.clock.now() + self.config.probe_interval
 
     # ----- small mechanics ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import structlog
 
+from ..gpu.readers import GpuUnavailable
 from .engine import EngineError, EngineTimeout
 from .states import Event, Outcome
 
@@ -98,7 +99,10 @@ async def _room(owner):
     try:
         while True:
             if locks is None and neighbours is not None:
-                gpus, pids = await guard.read()
+                try:
+                    gpus, pids = await guard.read()
+                except GpuUnavailable:   # NVML failing: no GPU to lock (the shortfall check says why)
+                    gpus, pids = [], set()
                 locks = neighbours.locks([g.uuid for g in guard.engine_gpus(gpus, pids)])
             if locks is not None and not locks.try_acquire():
                 owner.note_memory_wait({"text": "another sidecar is waking on the same GPU",

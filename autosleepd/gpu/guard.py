@@ -247,6 +247,11 @@ class MemoryGuard:
             self._used_before_wake = {g.uuid: g.used for g in gpus}
         return None
 
+    def host_ram(self) -> tuple[int, int | None]:
+        """Host RAM available now, and the weights a level-1 sleep copies into it (if known)."""
+        return (self._processes.host_available_bytes(),
+                self.config.weights_memory or self.learned.weights_host)
+
     def level_for_sleep(self, level: int) -> tuple[int | None, str | None]:
         """The level to sleep at given host RAM: (level, None), (2, why) or (None, why)."""
         if level != 1:

@@ -172,8 +172,10 @@ class Coordinator(Observer):
         """
         # The entry's activity is a hint (refreshed on transitions and heartbeats): the
         # neighbour itself refuses when busy. Idle-looking ones are asked first, oldest use first.
+        # An entry without GPUs is a neighbour that has not read them yet (its first seconds):
+        # it may be on this GPU, so it is asked too.
         awake = [n for n in self.neighbours()
-                 if gpu_uuid in n.get("gpus", []) and n.get("state") == "awake"]
+                 if gpu_uuid in (n.get("gpus") or [gpu_uuid]) and n.get("state") == "awake"]
         for neighbour in sorted(awake, key=lambda n: (bool(n.get("in_flight") or n.get("queued")),
                                                       n.get("last_used", 0))):
             self.evictions_asked += 1

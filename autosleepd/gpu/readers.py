@@ -1,4 +1,4 @@
-"""Memory at the edge: GPU memory through NVML, host memory and processes through psutil.
+"""At the edge: GPU memory and power through NVML, host memory and processes through psutil.
 
 Each reader is a thin wrapper with no policy, so tests replace it with a fake (or with the
 simulator's GPU) and the policy above it runs unchanged.
@@ -26,6 +26,8 @@ class GpuMemory:
     total: int
     used: int
     processes: dict[int, int] = field(default_factory=dict)   # pid -> bytes on this GPU
+    power_watts: float | None = None     # the board's draw now (None: not readable here)
+    energy_joules: float | None = None   # its energy counter since the driver loaded (Volta+)
 
     @property
     def free(self) -> int:
@@ -59,11 +61,24 @@ class NvmlReader:
                 for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                     used = process.usedGpuMemory
                     processes[process.pid] = int(used) if used is not None else 0
+                watts, joules = self._power(handle)
                 gpus.append(GpuMemory(index, uuid.decode() if isinstance(uuid, bytes) else uuid,
-                                      int(info.total), int(info.used), processes))
+                                      int(info.total), int(info.used), processes, watts, joules))
             return gpus
         except nvml.NVMLError as error:
             raise GpuUnavailable(f"NVML read failed: {error}") from None
+
+
+    def _power(self, handle) -> tuple[float | None, float | None]:
+        """Draw in watts and the energy counter in joules; None where the board has neither
+        (NVML reports milliwatts and millijoules; some boards, MIG slices and VMs refuse)."""
+        nvml, readings = self._nvml, []
+        for call in (nvml.nvmlDeviceGetPowerUsage, nvml.nvmlDeviceGetTotalEnergyConsumption):
+            try:
+                readings.append(call(handle) / 1000.0)
+            except nvml.NVMLError:
+                readings.append(None)
+        return readings[0], readings[1]
 
 
 def open_nvml() -> NvmlReader | None:

@@ -44,6 +44,10 @@ class Planners:
         self.all = planners
         self.learn_from_arrivals = any(p.wants_arrivals for p in planners)
 
+    def add(self, planner: Planner) -> None:
+        self.all.append(planner)
+        self.learn_from_arrivals = self.learn_from_arrivals or planner.wants_arrivals
+
     def next(self, status: Status) -> Planned | None:
         """The earliest plan; a sleep waits while any planner keeps the engine awake."""
         plans = [p for p in (planner.plan(status) for planner in self.all) if p is not None]

@@ -79,8 +79,14 @@ class PrewakeLearner:
         recent = self.outcomes.get(bucket, [])[-2:]
         return len(recent) == 2 and not any(recent)
 
-    def plan(self, now: float) -> Plan | None:
-        """The next pre-wake after ``now``, or None."""
+    def next_resumption(self, now: float) -> float | None:
+        """When traffic usually comes back next after ``now`` (epoch seconds), or None."""
+        plan = self.plan(now, lead=0.0)
+        return plan.at if plan is not None else None
+
+    def plan(self, now: float, lead: float | None = None) -> Plan | None:
+        """The next pre-wake after ``now`` (``lead`` before the usual time), or None."""
+        lead = self.lead if lead is None else lead
         by_bucket: dict[str, list[datetime]] = {}
         for t in self.resumptions:
             local = datetime.fromtimestamp(t, self.zone)
@@ -98,7 +104,7 @@ class PrewakeLearner:
                 if day.weekday() != weekday:
                     continue
                 usual = datetime.combine(day, datetime.min.time(), self.zone) + timedelta(hours=hour, minutes=minute)
-                at = usual.timestamp() - self.lead
+                at = usual.timestamp() - lead
                 if at > now and (best is None or at < best.at):
                     best = Plan(at, bucket, f"traffic usually resumes {DAYS[weekday].title()} "
                                             f"{hour:02d}:{minute:02d} ({len(weeks)} weeks seen)")

@@ -16,6 +16,7 @@ REFUSALS = {
     "engine_unavailable": (502, "bad_gateway", 5),
     "no_gpu_memory": (503, "service_unavailable", 30),
     "engine_broken": (503, "service_unavailable", 30),
+    "engine_start_failed": (503, "service_unavailable", 30),
 }
 
 

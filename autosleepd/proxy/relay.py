@@ -26,12 +26,13 @@ from urllib.parse import unquote
 import httptools
 import structlog
 
-from ..config import Config
+from ..config import Config, parse_duration
 from ..control.supervisor import Refused
 from .client import ClientConnection
 from .connections import Limits
 from .errors import error_bytes, refusal
-from .routes import Classifier
+from .route import NoModel, model_of
+from .routes import Classifier, normalize_path
 from .upstream import Upstream, UpstreamConnection
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
@@ -53,7 +54,9 @@ STALL_AFTER = 1.0   # seconds without response headers before the engine's state
 # released together buffered about 90 KiB each in flight (a 186 MiB peak); this bounds that.
 UPLOAD_SLOTS = 64
 UPLOAD_PATIENCE = 1.0   # seconds without a byte from its client before a slot is given back
-OWN_PREFIX = b"/autosleepd/"
+OWN_PREFIX = "/autosleepd/"   # and /autosleepd itself (the live page's redirect)
+KEEP_ALIVE_HEADER = b"x-autosleepd-keep-alive"   # an engine stays awake this long after
+ROUTE_BODY_LIMIT = 100 * 2**20   # a body read to find its model, without AUTOSLEEPD_MAX_BODY_SIZE
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
@@ -68,17 +71,19 @@ class Gate(Protocol):
     def stalled(self) -> None: ...
     def engine_unreachable(self, detail: str) -> None: ...
     def now(self) -> float: ...
+    def keep_alive(self, seconds: float) -> None: ...   # X-Autosleepd-Keep-Alive
 
 
 class Target:
-    """Where a request goes: an upstream's connections, and the gate for work sent there (None:
-    autosleepd's own endpoints, which are never held)."""
+    """Where a request goes: an upstream's connections, the gate for work sent there (None:
+    autosleepd's own endpoints, which are never held), and what counts its requests."""
 
-    __slots__ = ("upstream", "gate")
+    __slots__ = ("upstream", "gate", "observer")
 
-    def __init__(self, upstream: Upstream, gate: Gate | None):
+    def __init__(self, upstream: Upstream, gate: Gate | None, observer=None):
         self.upstream = upstream
         self.gate = gate
+        self.observer = observer   # metrics: .request(kind, status)
 
 
 class Exchange:
@@ -88,7 +93,8 @@ class Exchange:
     __slots__ = ("relay", "client", "url", "headers", "method", "http10", "keep_alive", "length",
                  "chunked", "expect", "host", "hop", "body", "body_done", "body_seen", "conn",
                  "sending", "slot", "status", "head", "head_sent", "close_after", "framing",
-                 "task", "finished", "admitted", "kind", "path", "started")
+                 "task", "finished", "admitted", "kind", "path", "started", "target",
+                 "body_arrived")
 
     def __init__(self, relay: "Relay", client: ClientConnection):
         self.relay = relay
@@ -110,6 +116,8 @@ class Exchange:
         self.finished = False
         self.admitted: Gate | None = None       # to release when the exchange ends
         self.kind: str | None = None            # set once served
+        self.target: Target | None = None
+        self.body_arrived: asyncio.Event | None = None   # while the body is read to route it
 
     # ----- the request, from the client connection ----------------------------------------------
 
@@ -146,7 +154,7 @@ class Exchange:
             return
         self.body_seen += len(data)
         limit = self.relay.config.max_body_size
-        if limit and self.body_seen > limit:
+        if limit and self.body_seen > limit and self.kind is not None:   # else serve() sees it
             self.relay.body_too_large(self)
             return
         if self.slot is not None:
@@ -155,9 +163,13 @@ class Exchange:
             self.conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         else:
             self.body.append(data)
+            if self.body_arrived is not None:
+                self.body_arrived.set()
 
     def body_complete(self) -> None:
         self.body_done = True
+        if self.body_arrived is not None:
+            self.body_arrived.set()
         if self.slot is not None:
             self.slot.give_back()
             self.slot = None
@@ -265,15 +277,18 @@ class Exchange:
 
 
 class Relay:
-    def __init__(self, config: Config, gate: Gate, own: Upstream):
+    """``host``: its engines, each with its ``target``; the first answers what names no model.
+    ``own``: autosleepd's own app (also the host's ``/v1/models`` when there are several)."""
+
+    def __init__(self, config: Config, host, own: Upstream):
         self.config = config
-        self.engine = Target(Upstream(config.upstream, connect_timeout=config.connect_timeout), gate)
+        self.host = host
+        self.engine = host.engines[0].target
         self.own = Target(own, None)
         self.classify = Classifier(config.blocked_paths, config.passive_paths)
         self.uploads = UploadSlots(UPLOAD_SLOTS, UPLOAD_PATIENCE)
         self.limits = Limits(config.max_connections, config.header_timeout)
         self.connections: set[ClientConnection] = set()
-        self.observer = None   # metrics: .request(kind, status)
         self.answering = 0     # exchanges not yet complete
         self._awaiting_head: dict[Exchange, float] = {}   # work sent, no answer yet: when sent
         self._stall_check: asyncio.TimerHandle | None = None
@@ -298,9 +313,6 @@ class Relay:
             return False
         return any(address in network for network in self._trusted)
 
-    def target(self, exchange: Exchange) -> Target:
-        """The upstream for this request. Routing by model would choose among engines here."""
-        return self.own if exchange.url.startswith(OWN_PREFIX) else self.engine
 
     async def finish(self, timeout: float) -> None:
         """At shutdown, once work has drained: answers still in progress (passive ones) get
@@ -331,20 +343,121 @@ class Relay:
             # path and query only: an absolute-form target (POST http://x/... HTTP/1.1) names us
             parsed = httptools.parse_url(url)
             exchange.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-        target = self.target(exchange)
         path = exchange.path = exchange.url.split(b"?", 1)[0].decode("latin-1")
-        kind = exchange.kind = "own" if target.gate is None else self.classify(
-            unquote(path) if "%" in path else path, exchange.method.decode(), exchange.has_body)
+        if path.startswith(OWN_PREFIX) or path == OWN_PREFIX[:-1]:
+            exchange.kind = "own"
+            self._dispatch(exchange, self.own)
+            return
+        normal = unquote(path) if "%" in path else path
+        kind = exchange.kind = self.classify(normal, exchange.method.decode(), exchange.has_body)
         if kind == "blocked":
+            exchange.target = self.engine   # counted in the first engine's metrics
             self._error(exchange, 403, f"{path} is a vLLM control endpoint; clients may not call "
                         "it through autosleepd (use /autosleepd/ instead)", "forbidden", "blocked_path")
             return
+        if self.host.single:
+            self._dispatch(exchange, self.engine)
+        elif kind == "work" and exchange.has_body:
+            # Its model is in the body: read it whole first (it is sent on byte for byte).
+            limit = self.config.max_body_size or ROUTE_BODY_LIMIT
+            if max(exchange.length or 0, exchange.body_seen) > limit:
+                self._route_body_too_large(exchange, limit)
+            elif not exchange.body_done:
+                exchange.task = asyncio.get_running_loop().create_task(self._route_after_body(exchange))
+            else:
+                self._route(exchange)
+        else:
+            self._route(exchange)
+
+    def _route_body_too_large(self, exchange: Exchange, limit: int) -> None:
+        exchange.close_after = True
+        self._error(exchange, 413, f"the request body is over the limit of {limit} bytes "
+                    "(AUTOSLEEPD_MAX_BODY_SIZE; bodies are read whole to find their model)",
+                    "invalid_request_error", "body_too_large")
+
+    def _route(self, exchange: Exchange) -> None:
+        """Several engines: the request's model picks one (``route.model_of``)."""
+        normal = normalize_path(unquote(exchange.path))
+        if ((normal == "/v1/models" or normal.startswith("/v1/models/"))
+                and exchange.method in (b"GET", b"HEAD")):
+            exchange.kind = "own"   # the host's models, asleep or not: autosleepd's app answers
+            self._dispatch(exchange, self.own)
+            return
+        content_type = next((v for n, v in exchange.headers if n.lower() == b"content-type"), b"")
+        body = b"".join(exchange.body)
+        try:
+            model = model_of(exchange.method.decode(), exchange.path,
+                             content_type.decode("latin-1"), body)
+        except NoModel as problem:
+            self._error(exchange, 400, f"cannot tell which model this request is for: {problem}",
+                        "invalid_request_error", "bad_model")
+            return
+        if model is None:
+            if exchange.kind == "passive":   # /health, /version, /metrics: the first engine
+                self._dispatch(exchange, self.engine)
+                return
+            names = ", ".join(self.host.model_names())
+            self._error(exchange, 400, "this endpoint serves several models; name one in the "
+                        f"request's 'model' field (available: {names})", "invalid_request_error",
+                        "model_required")
+            return
+        engine = self.host.find(model)
+        if engine is None:
+            names = ", ".join(self.host.model_names())
+            self._error(exchange, 404, f"the model {model[:200]!r} does not exist here "
+                        f"(available: {names})", "invalid_request_error", "model_not_found")
+            return
+        self._dispatch(exchange, engine.target)
+
+    async def _route_after_body(self, exchange: Exchange) -> None:
+        """Read the body whole (within the limit, each byte within the header timeout), then
+        route. 100 Continue goes first: the body is wanted now."""
+        limit = self.config.max_body_size or ROUTE_BODY_LIMIT
+        if exchange.expect == b"100-continue" and not exchange.http10 and not exchange.body_seen:
+            exchange.client.write(_CONTINUE)
+            exchange.expect = None
+        exchange.body_arrived = asyncio.Event()
+        try:
+            while not exchange.body_done:
+                exchange.body_arrived.clear()
+                try:
+                    async with asyncio.timeout(self.config.header_timeout):
+                        await exchange.body_arrived.wait()
+                except TimeoutError:
+                    exchange.close_after = True
+                    self._error(exchange, 408, "no byte of the request body for "
+                                f"{self.config.header_timeout:g}s", "invalid_request_error",
+                                "body_timeout")
+                    return
+                if exchange.body_seen > limit:
+                    self._route_body_too_large(exchange, limit)
+                    return
+        except asyncio.CancelledError:   # the client went away
+            exchange.task = None
+            self.complete(exchange)
+            return
+        exchange.task = exchange.body_arrived = None
+        self._route(exchange)
+
+    def _dispatch(self, exchange: Exchange, target: Target) -> None:
+        exchange.target = target
+        keep_alive = next((v for n, v in exchange.headers if n.lower() == KEEP_ALIVE_HEADER), None)
+        if keep_alive is not None and target.gate is not None:
+            try:
+                seconds = parse_duration(keep_alive.decode("latin-1"))
+            except ValueError:
+                self._error(exchange, 400, f"X-Autosleepd-Keep-Alive: {keep_alive[:40].decode('latin-1')!r} "
+                            "is not a duration such as 30s, 10m or 1h", "invalid_request_error",
+                            "bad_keep_alive")
+                return
+            target.gate.keep_alive(seconds)
+        kind = exchange.kind
         limit = self.config.max_body_size
-        if limit and exchange.length is not None and exchange.length > limit:
+        if limit and max(exchange.length or 0, exchange.body_seen) > limit:
             exchange.close_after = True
-            self._error(exchange, 413, f"the request body of {exchange.length} bytes is over the "
-                        f"limit of {limit} bytes (AUTOSLEEPD_MAX_BODY_SIZE)", "invalid_request_error",
-                        "body_too_large")
+            self._error(exchange, 413, f"the request body of {exchange.length or exchange.body_seen}"
+                        f"{'' if exchange.length else '+'} bytes is over the limit of {limit} bytes "
+                        "(AUTOSLEEPD_MAX_BODY_SIZE)", "invalid_request_error", "body_too_large")
             return
         if exchange.expect is not None and exchange.expect != b"100-continue":
             exchange.close_after = True
@@ -467,8 +580,9 @@ class Relay:
             exchange.admitted.release()
             exchange.admitted = None
         client_left = exchange.client.transport.is_closing() and not exchange.status
-        if self.observer is not None and exchange.kind != "own" and not client_left:
-            self.observer.request(exchange.kind, exchange.status)
+        observer = exchange.target.observer if exchange.target is not None else None
+        if observer is not None and not client_left:
+            observer.request(exchange.kind, exchange.status)
         if self.config.log_requests:
             self._log.info("request", method=exchange.method.decode(), path=exchange.path,
                            kind=exchange.kind, status=exchange.status,

@@ -60,6 +60,11 @@ class SimSettings:
     # stays on the GPU asleep grows by this much at every sleep, until the process restarts.
     api_key: str | None = None
     residue_step_bytes: int = 0
+    # Power on a SimGpu, above the bare GPU's draw: what vLLM 0.26 drew on an H200 (43.7 W with
+    # its CUDA context, awake idle or asleep at either level), and while generating.
+    awake_idle_watts: float = 43.7
+    asleep_watts: dict = field(default_factory=lambda: {1: 43.7, 2: 43.7})
+    busy_watts: float = 300.0
 
 
 @dataclass
@@ -78,6 +83,7 @@ class SimStats:
     aborted_by_client: int = 0      # work requests whose client went away mid-way
     aborted_by_sleep: int = 0       # requests aborted by /sleep mode=abort
     log: list = field(default_factory=list)   # (monotonic time, method, path, asleep)
+    last_body: bytes | None = None  # the last work request's body, as received
 
     def as_dict(self) -> dict:
         return {"violations": dict(self.violations), "violation_total": sum(self.violations.values()),
@@ -141,6 +147,17 @@ class SimulatedEngine:
     def sleeping(self) -> bool:
         return bool(self.asleep_tags)
 
+    def _power_changes(self) -> None:
+        if self.gpu is not None:
+            self.gpu.count_energy()   # the energy counter moves on at the new draw
+
+    @property
+    def watts(self) -> float:
+        """This process's draw above the bare GPU's."""
+        if self.sleeping:
+            return self.settings.asleep_watts[self.level]
+        return self.settings.busy_watts if self._running else self.settings.awake_idle_watts
+
     def fail_next(self, path: str, times: int = 1, **fault) -> None:
         """The next ``times`` calls of ``path`` fail as ``Fault(**fault)`` says."""
         for _ in range(times):
@@ -156,6 +173,7 @@ class SimulatedEngine:
                 raise RuntimeError(f"CUDA out of memory while loading: {self.gpu.free} bytes free, "
                                    f"{self.settings.awake_bytes} needed")
             self.gpu.take(self.pid, self.settings.awake_bytes)
+            self.gpu.attach(self.pid, lambda: self.watts)
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_route("*", "/{path:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -298,6 +316,7 @@ class SimulatedEngine:
             return web.Response(status=200)   # paused only; /wake_up resumes
         self.level = level
         self.asleep_tags = {"weights", "kv_cache"}
+        self._power_changes()
         if self.gpu is not None:
             self.gpu.set_holding(self.pid, self._leak_and_hold())
         if level == 1:
@@ -329,6 +348,7 @@ class SimulatedEngine:
                     self.stats.violations["level2_wake_without_reload"] += 1
             await asyncio.sleep(self.settings.wake_seconds)
             self.asleep_tags -= tags
+            self._power_changes()
             if not self.asleep_tags:
                 self._corrupt_if_asked()
         if not self.asleep_tags:
@@ -400,6 +420,7 @@ class SimulatedEngine:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         try:
+            self.stats.last_body = await request.read()
             body = await request.json()
             prompt, max_tokens, stream = _parse_completion(request.path, body)
         except (ValueError, KeyError, TypeError) as error:
@@ -421,6 +442,7 @@ class SimulatedEngine:
                 await response.prepare(request)
             await self._awake.wait()
             self._running.add(task)
+            self._power_changes()
             if response is not None:
                 return await self._stream(request, response, prompt, max_tokens)
             text = await self._generate(prompt, max_tokens)
@@ -434,6 +456,7 @@ class SimulatedEngine:
         finally:
             self._in_flight.discard(task)
             self._running.discard(task)
+            self._power_changes()
             self._aborted.discard(task)
 
     async def _generate(self, prompt: str, max_tokens: int) -> str:
