@@ -10,8 +10,9 @@ on as the engine's reads bring it, framing included. A request that needs no wai
 awake, an idle engine connection pooled) is forwarded from the callback that parsed it; only one
 that waits (held, or for a new connection) has a task.
 
-Per-request upstream choice: ``Relay.target`` returns the ``Target`` (connections and gate) for
-an exchange; routing by model would choose there among several.
+Per-request upstream choice: each engine of the host is a ``Target`` (its connections, its gate,
+its metrics); with several, ``Relay._route`` picks one by the request's model (``route.model_of``,
+the body read whole first when the model is in it).
 """
 
 from __future__ import annotations
