@@ -8,22 +8,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: demo test bench integration browser
+.PHONY: demo test bench integration test-tools
 demo: $(VENV)/.installed   ## the simulator with autosleepd in front: a sleep and a wake in seconds
 	$(VENV)/bin/autosleepd demo
 
-test: $(VENV)/.installed browser   ## the whole test suite
+test: $(VENV)/.installed test-tools   ## the whole test suite
 	$(VENV)/bin/python -m pytest
 
-# The live page's browser test needs Chromium: installed here when run as root where apt is (CI,
-# a fresh Debian box); elsewhere that one test skips and says why. A failed install only warns.
-browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
-	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || { \
-	      apt-get update -qq >/dev/null 2>&1 && \
-	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
-	  echo "chromium is not installed: the live page's browser test will be skipped"
+# Two tests need Debian packages: the live page's browser test (chromium) and the alert rules'
+# unit tests (promtool, in prometheus). Installed here when run as root where apt is (CI, a fresh
+# Debian box); elsewhere those tests skip and say why. A failed install only warns.
+test-tools:
+	@for need in chromium:chromium promtool:prometheus; do 	  tool=$${need%%:*}; package=$${need#*:}; 	  command -v $$tool >/dev/null 2>&1 || { 	    [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$package >/dev/null 2>&1 || { 	        apt-get update -qq >/dev/null 2>&1 && 	        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$package >/dev/null 2>&1; }; }; } || 	  echo "$$tool is not installed (apt-get install $$package): the tests that need it will be skipped"; 	done
 
 # About 10 minutes (the data-path rounds, 10 s per load cell, a 60 s idle measurement); `bench.py --quick` is shorter.
 # `exec`: make's SIGTERM reaches bench.py itself, which stops everything it started.
