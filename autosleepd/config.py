@@ -184,7 +184,7 @@ class Config:
             prewake_lead=read.get("PREWAKE_LEAD", cls.prewake_lead, _duration),
             state_file=read.get("STATE_FILE", None, _absolute_file),
             engines=read.get("ENGINES", (), _engines),
-            keep_alive_max=read.get("KEEP_ALIVE_MAX", cls.keep_alive_max, _duration),
+            keep_alive_max=read.get("KEEP_ALIVE_MAX", cls.keep_alive_max, _at_most_a_year),
             passive_paths=(PASSIVE_PATHS | extra_passive) - extra_blocked,
             blocked_paths=CONTROL_PATHS | extra_blocked,
         )
@@ -291,6 +291,13 @@ def _positive_duration(raw: str) -> float:
     seconds = _duration(raw)
     if seconds <= 0:
         raise _Invalid("a duration above zero, such as 250ms, 30s or 2m")
+    return seconds
+
+
+def _at_most_a_year(raw: str) -> float:
+    seconds = _duration(raw)
+    if seconds > 366 * 86400:
+        raise _Invalid("a duration of at most a year, such as 1h or 24h")
     return seconds
 
 

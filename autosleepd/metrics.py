@@ -7,6 +7,7 @@ supervisor at scrape time, so they can never drift from the truth.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 from aiohttp import web
@@ -222,7 +223,8 @@ class _LiveCollector:
         upcoming = live.next_transition
         yield GaugeMetricFamily("autosleepd_next_transition_seconds",
                                 "Seconds until the next planned transition (-1: none planned).",
-                                value=max(0.0, upcoming.at - live.now) if upcoming else -1.0)
+                                value=max(0.0, upcoming.at - live.now)
+                                if upcoming and math.isfinite(upcoming.at) else -1.0)
         yield from _power_families(live.power)
         freed = live.stats.gpu_memory_freed_bytes
         if freed is not None:

@@ -372,6 +372,28 @@ async def test_ps_pin_and_unpin_on_the_command_line(rig, http):
     assert server.host.by_name["b"].supervisor.pins.until is None
 
 
+
+async def test_a_pin_until_unpinned_keeps_every_view_answering_and_a_pin_past_a_year_is_refused(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False, idle_timeout=300)
+    env = {"AUTOSLEEPD_URL": server.url, "AUTOSLEEPD_ADMIN_TOKEN": TOKEN}
+    code, out, _ = await cli("pin", "alpha-model", **env)
+    assert code == 0 and "until unpinned" in out
+    code, out, err = await cli("ps", **env)
+    assert code == 0 and "until unpinned" in out, err
+    async with http.get(server.url + "/autosleepd/status?model=alpha-model") as response:
+        assert response.status == 200
+        assert (await response.json())["next_transition"]["in_seconds"] is None
+    async with http.get(server.url + "/autosleepd/metrics?engine=a") as response:
+        assert "autosleepd_next_transition_seconds -1.0" in await response.text()
+    code, _, err = await cli("pin", "beta-model", "100000000h", **env)
+    assert code == 1 and "at most a year" in err
+    assert server.host.by_name["b"].supervisor.pins.until is None
+    assert not server._control.done()   # the control loops run on
+    code, _, _ = await cli("pin", "alpha-model", **env)   # pinned again: still answers
+    assert code == 0
+
 # ----- pins as a planner input ------------------------------------------------------------------
 
 async def test_a_pin_pre_empts_the_ladder_and_the_engine_goes_down_it_once_unpinned(supervisors):

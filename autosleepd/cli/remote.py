@@ -123,7 +123,8 @@ def summary(status: dict) -> str:
                      f"{power['saved_wh']:g} Wh against staying awake")
     if status.get("next_transition"):
         upcoming = status["next_transition"]
-        lines.append(f"next:       {upcoming['what']}, at {upcoming['at']} (in {upcoming['in_seconds']:g}s)")
+        when = "" if upcoming["in_seconds"] is None else f", at {upcoming['at']} (in {upcoming['in_seconds']:g}s)"
+        lines.append(f"next:       {upcoming['what']}{when}")
     if status.get("gpu_memory_freed_bytes") is not None:
         lines.append(f"last sleep freed {status['gpu_memory_freed_bytes'] / 2**30:.2f} GiB of GPU memory")
     if status.get("last_error"):
@@ -144,7 +145,8 @@ def table(host: dict) -> str:
             _gib(engine["gpu_memory_awake_bytes"]), _gib(engine["gpu_memory_asleep_bytes"]),
             _ago(now, datetime.fromisoformat(engine["last_used"])),
             str(engine["held"]),
-            "-" if upcoming is None else f"{upcoming['what']} (in {_span(upcoming['in_seconds'])})",
+            "-" if upcoming is None else upcoming["what"] + (
+                "" if upcoming["in_seconds"] is None else f" (in {_span(upcoming['in_seconds'])})"),
             "-" if pin is None else ("until unpinned" if pin["in_seconds"] is None
                                      else f"{_span(pin['in_seconds'])} left"),
         ))

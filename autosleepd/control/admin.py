@@ -22,6 +22,8 @@ from .supervisor import OrderFailed
 if TYPE_CHECKING:
     from ..host import Host, HostedEngine
 
+MAX_PIN = 366 * 86400.0   # seconds; longer is what a pin until unpinned is for
+
 
 class Admin:
     def __init__(self, host: "Host", token: str | None, default_level: int, read_status=None):
@@ -120,12 +122,13 @@ class Admin:
         if duration is not None:
             try:
                 seconds = parse_duration(str(duration))
-                if seconds <= 0:
+                if not 0 < seconds <= MAX_PIN:
                     raise ValueError(duration)
             except ValueError:
                 return error_response(400, f"duration={str(duration)[:40]!r} is invalid: expected "
-                                      "a duration above zero such as 30m or 2h (or none: until "
-                                      "unpinned)", "invalid_request_error", "bad_duration")
+                                      "a duration above zero and at most a year, such as 30m or "
+                                      "2h (or none: until unpinned)", "invalid_request_error",
+                                      "bad_duration")
         engine.supervisor.pin(seconds)
         return web.json_response(engine.view())
 

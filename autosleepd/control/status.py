@@ -7,6 +7,7 @@ with the present state. ``Status.to_json()`` is the wire form of ``GET /autoslee
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -122,9 +123,10 @@ class Status:
         upcoming = None
         if self.next_transition is not None:
             at = self.next_transition.at
+            finite = math.isfinite(at)   # a pin until unpinned plans nothing it can date
             upcoming = {"at": datetime.fromtimestamp(self.wall + at - self.now, UTC)
-                        .isoformat(timespec="seconds"),
-                        "in_seconds": round(max(0.0, at - self.now), 1),
+                        .isoformat(timespec="seconds") if finite else None,
+                        "in_seconds": round(max(0.0, at - self.now), 1) if finite else None,
                         "what": self.next_transition.reason}
         return {
             "state": self.state.value,

@@ -99,7 +99,7 @@ function card(engine) {
     ["Work", `${engine.in_flight} in flight, ${engine.held} held`],
     ["GPU power", engine.power && engine.power.watts != null
       ? `${engine.power.watts.toFixed(0)} W now, ${engine.power.saved_wh.toFixed(1)} Wh saved` : "not read"],
-    ["Next", next ? `${next.what}, in ${span(next.in_seconds)}` : "nothing planned"],
+    ["Next", next ? (next.in_seconds == null ? next.what : `${next.what}, in ${span(next.in_seconds)}`) : "nothing planned"],
     ["Pinned", pin ? (pin.until ? `until ${new Date(pin.until).toLocaleTimeString()} (${span(pin.in_seconds)} left)` : "until unpinned")
       : engine.keep_alive_seconds ? `kept alive ${span(engine.keep_alive_seconds)} by a request` : "no"],
   ];
