@@ -563,3 +563,21 @@ async def test_the_commands_are_told_which_engine_so_one_command_serves_every_en
                      + r.launcher.command("stop"))
     await r.idle_until(3600, lambda: r.supervisor.state is State.STOPPED, "stopped")
     assert told.read_text() == f"stop qwen {url}\n"   # as in systemctl stop "vllm@$AUTOSLEEPD_ENGINE"
+
+
+async def test_a_start_command_that_leaves_a_child_running_is_done_when_its_shell_exits(rig, http, tmp_path):
+    """``vllm serve ... &`` keeps the command's output open as long as the engine runs: the
+    start must not wait for that output to end."""
+    r = await rig(ladder="5m:1,1h:stop")
+    pid_file = tmp_path / "child.pid"
+    r.supervisor.config = dataclasses.replace(
+        r.supervisor.config,
+        start_command=f"{r.launcher.command('start')}; sleep 300 & echo $! > {pid_file}")
+    await r.idle_until(3600, lambda: r.supervisor.state is State.STOPPED, "stopped")
+    try:
+        status, _, body = await asyncio.wait_for(r.ask(http, "after the start"), 30)
+        assert status == 200 and body["choices"][0]["text"] == expected_text("after the start", 4)
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), 9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import tempfile
 from dataclasses import dataclass
 
 import structlog
@@ -35,19 +36,27 @@ def command_env(config) -> dict[str, str]:
 
 
 async def run_command(command: str, timeout: float, secrets=(), env=None) -> CommandResult:
-    """Run ``command`` in a shell in its own process group; a timeout kills the whole group."""
-    process = await asyncio.create_subprocess_shell(
-        command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env=env)
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        await _kill(process)
-        return CommandResult(None, "")
-    except asyncio.CancelledError:   # autosleepd shuts down: leave nothing running behind
-        await asyncio.shield(_kill(process))
-        raise
-    return CommandResult(process.returncode, mask(output.decode(errors="replace")[-OUTPUT_KEPT:], secrets))
+    """Run ``command`` in a shell in its own process group; a timeout kills the whole group.
+
+    Done means the shell exited, not that its output ended: a start command that launches the
+    engine in the background (``... &``) leaves a child holding the output open for good (uvloop
+    even leaks its end of the pipe into children that redirect theirs), so the output goes to a
+    file, read once the shell is gone."""
+    with tempfile.TemporaryFile() as output:
+        process = await asyncio.create_subprocess_shell(
+            command, stdout=output, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env=env)
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            await _kill(process)
+            return CommandResult(None, "")
+        except asyncio.CancelledError:   # autosleepd shuts down: leave nothing running behind
+            await asyncio.shield(_kill(process))
+            raise
+        output.seek(max(0, os.fstat(output.fileno()).st_size - 4 * OUTPUT_KEPT))
+        text = output.read().decode(errors="replace")[-OUTPUT_KEPT:]
+    return CommandResult(process.returncode, mask(text, secrets))
 
 
 async def _kill(process) -> None:
