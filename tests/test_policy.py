@@ -19,10 +19,11 @@ from autosleepd.gpu.readers import GpuMemory
 from autosleepd.policy.ladder import Ladder
 from autosleepd.policy.prewake import PrewakeLearner
 from autosleepd.policy.schedule import Schedule
+from autosleepd.control.engine import EngineUnreachable
 from autosleepd.control.states import State
 from autosleepd.control.supervisor import OrderFailed
 
-from .conftest import FakeEngine, settle
+from .conftest import FakeEngine, eventually, settle
 
 UTC = ZoneInfo("UTC")
 PARIS = ZoneInfo("Europe/Paris")
@@ -237,6 +238,18 @@ async def test_the_ladder_skips_its_step_when_the_gpu_has_no_room(rig):
     await advance_to(clock, at("2026-03-02 02:05"))
     assert supervisor.asleep_level == 2 and supervisor.stats.ladder_steps == 1
 
+
+
+async def test_a_ladder_step_without_room_does_not_keep_the_engine_from_its_stop_rung(rig):
+    engine = FakeEngine()
+    supervisor, engine, clock = await rig("2026-03-02 00:00", engine=engine, guard=Guard(room=False),
+                                          ladder="5m:1,2h:2,150m:stop",
+                                          engine_stop_command="true", engine_start_command="true")
+    await advance_to(clock, at("2026-03-02 02:29"))
+    assert supervisor.asleep_level == 1 and supervisor.stats.ladder_skips >= 1
+    engine.fail("is_sleeping", EngineUnreachable("connection refused"), times=1000)   # once stopped
+    await advance_to(clock, at("2026-03-02 02:30"))
+    await eventually(lambda: supervisor.state is State.STOPPED, what="stopped at the stop rung")
 
 async def test_the_ladder_never_deepens_while_requests_wait(rig):
     engine = FakeEngine()

@@ -61,22 +61,26 @@ class LadderPlanner(Planner):
     def __init__(self, ladder: Ladder, first_level: int):
         self._ladder = ladder
         self._first_level = first_level
-        self._retry_at = 0.0
+        self._retry_at = {"ladder": 0.0, "stop": 0.0}   # by order: not carried out, try later
 
     def plan(self, status: Status) -> Planned | None:
         if status.state.value != "asleep" or status.queued or status.in_flight:
             return None
+        stop = None
+        if self._ladder.stop_after is not None:
+            stop_after = self._ladder.stop_after
+            stop = Planned(max(status.last_work_end + stop_after, self._retry_at["stop"]), "stop",
+                           f"stop the engine's process: idle {stop_after:g}s")
         deeper = self._ladder.deeper(status.sleep_level)
         if deeper is None:
-            stop_after = self._ladder.stop_after
-            if stop_after is None:
-                return None
-            return Planned(max(status.last_work_end + stop_after, self._retry_at), "stop",
-                           f"stop the engine's process: idle {stop_after:g}s")
+            return stop
         idle, level = deeper
-        return Planned(max(status.last_work_end + idle, self._retry_at), "ladder",
+        step = Planned(max(status.last_work_end + idle, self._retry_at["ladder"]), "ladder",
                        f"sleep deeper, level {level}: idle {idle:g}s", level=level)
+        # A step skipped for want of GPU room (or of a memory guard) must not keep the engine
+        # from the stop rung, which needs no room at all.
+        return stop if stop is not None and stop.at <= step.at else step
 
     def done(self, planned: Planned, carried_out: bool, status: Status) -> None:
-        if not carried_out:
-            self._retry_at = status.now + LADDER_RETRY
+        if not carried_out and planned.order in self._retry_at:
+            self._retry_at[planned.order] = status.now + LADDER_RETRY
