@@ -427,7 +427,19 @@ def _check_recycling(config: Config, env: Mapping[str, str]) -> None:
 _ENGINES = PREFIX + "ENGINES"
 
 
+def _without_userinfo(text: str) -> str:
+    """``text`` with every URL's ``user:password@`` masked, for messages."""
+    return re.sub(r"//[^/@,\s]*@", "//***@", text)
+
+
 def _engines(raw: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return _engine_pairs(raw)
+    except _Invalid as invalid:   # the value may hold a password in a URL: never shown
+        raise _Invalid(_without_userinfo(invalid.expected), repr(_without_userinfo(raw))) from None
+
+
+def _engine_pairs(raw: str) -> tuple[tuple[str, str], ...]:
     expected = "name=URL pairs separated by commas, such as qwen=http://127.0.0.1:8000,small=http://127.0.0.1:8001"
     pairs, seen = [], set()
     for item in (part.strip() for part in raw.split(",") if part.strip()):
@@ -457,10 +469,11 @@ def _check_engines(config: Config, env: Mapping[str, str]) -> None:
     for key in ("UPSTREAM", "ENGINE_PID") if len(config.engines) > 1 else ("UPSTREAM",):
         if PREFIX + key in env:
             raise ConfigError(_ENGINES, env[_ENGINES], f"{_ENGINES} or {PREFIX}{key}, not both "
-                              f"({PREFIX}{key} names one engine)")
+                              f"({PREFIX}{key} names one engine)", repr(_without_userinfo(env[_ENGINES])))
     urls = [url for _, url in config.engines]
     if len(set(urls)) != len(urls):
-        raise ConfigError(_ENGINES, env[_ENGINES], "one URL per engine (two names share one)")
+        raise ConfigError(_ENGINES, env[_ENGINES], "one URL per engine (two names share one)",
+                          repr(_without_userinfo(env[_ENGINES])))
 
 
 def _check_stop_rung(config: Config, env: Mapping[str, str]) -> None:

@@ -284,6 +284,11 @@ def test_engines_are_read_from_one_variable_and_bad_ones_are_named():
         assert said in str(error.value)
     with pytest.raises(ConfigError, match="AUTOSLEEPD_UPSTREAM, not both"):
         Config.from_env({"AUTOSLEEPD_ENGINES": "a=http://x:1", "AUTOSLEEPD_UPSTREAM": "http://y:2"})
+    for raw in ("a=http://u:secretpw@127.0.0.1:1,b=http://127.0.0.1:2",       # a password in a URL
+                "a=http://u:secretpw@127.0.0.1:1,b=http://u:secretpw@127.0.0.1:1"):
+        with pytest.raises(ConfigError, match="AUTOSLEEPD_ENGINES") as error:
+            Config.from_env({"AUTOSLEEPD_ENGINES": raw})
+        assert "secretpw" not in str(error.value) and "***@" in str(error.value)
 
 
 # ----- the host view ----------------------------------------------------------------------------
