@@ -83,3 +83,19 @@ async def test_an_unknown_admin_path_is_a_json_404_and_never_reaches_the_engine(
 def test_only_loopback_addresses_count_as_local():
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("127.3.2.1")
     assert not _is_loopback("10.0.0.5") and not _is_loopback(None) and not _is_loopback("junk")
+
+
+async def test_a_page_of_another_site_cannot_order_a_sleep_through_a_browser_on_the_host(make_sim, make_proxy, http):
+    sim = await make_sim()
+    server = await make_proxy(sim.url)   # no token: loopback clients may order
+    for headers in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Origin": "null"}):
+        async with http.post(server.url + "/autosleepd/sleep", headers=headers) as response:
+            assert response.status == 403, headers
+            assert (await response.json())["error"]["code"] == "cross_site"
+    assert sim.stats.calls["/sleep"] == 0
+    same_origin = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}   # the live page
+    async with http.post(server.url + "/autosleepd/sleep", headers=same_origin) as response:
+        assert response.status == 200
+    async with http.post(server.url + "/autosleepd/wake") as response:   # curl sends no Origin
+        assert response.status == 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import json
 
@@ -176,6 +177,9 @@ class Admin:
         return engine
 
     def _authorize(self, request: web.Request) -> web.Response | None:
+        if _from_another_site(request):
+            return error_response(403, "manual control is refused to a page of another site "
+                                  "(Origin or Sec-Fetch-Site says so)", "forbidden", "cross_site")
         if self._token is None:
             if _is_loopback(request.remote):
                 return None
@@ -191,6 +195,16 @@ class Admin:
                                   "<AUTOSLEEPD_ADMIN_TOKEN>", "unauthorized", "bad_token")
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+
+def _from_another_site(request: web.Request) -> bool:
+    """A browser's request that another site's page made (a form or a fetch): without a token,
+    a loopback address alone would let any web page open on the host order engines about."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    return origin is not None and urlsplit(origin).netloc != request.host
 
 
 def _is_loopback(remote: str | None) -> bool:
