@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from autosleepd.clock import ManualClock
@@ -290,6 +292,24 @@ def test_engines_are_read_from_one_variable_and_bad_ones_are_named():
             Config.from_env({"AUTOSLEEPD_ENGINES": raw})
         assert "secretpw" not in str(error.value) and "***@" in str(error.value)
 
+
+
+async def test_every_control_line_names_its_engine_on_a_host_of_several(rig, http):
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False, sleeping=True)
+    kept = structlog.get_config()["wrapper_class"]   # the suite logs warnings only
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            server = await rig.host(["a", "b"], [alpha, beta], gpu=False)
+            assert (await ask(http, server.url, "beta-model"))[0] == 200   # wakes b
+    finally:
+        structlog.configure(wrapper_class=kept)
+    transitions = [(line.get("engine"), line["to_state"]) for line in logs if line["event"] == "transition"]
+    assert ("a", "awake") in transitions and ("b", "asleep") in transitions and ("b", "awake") in transitions
+    assert all(engine in ("a", "b") for engine, _ in transitions)
+    steps = [line for line in logs if line["event"] == "wake_step"]
+    assert steps and all(line.get("engine") == "b" for line in steps)   # the wake procedure's lines
 
 # ----- the host view ----------------------------------------------------------------------------
 

@@ -59,7 +59,10 @@ class Supervisor:
         self.pins = PinPlanner(config.keep_alive_max)   # pins and keep-alives: a planner's input
         self.planners.add(self.pins)
         self.checker = Checker(config.wake_check, engine)
-        self._log = structlog.get_logger("autosleepd.supervisor")
+        # On a host of several engines every line says whose it is: the supervisor's own lines
+        # through this logger, the procedures' lines through the control loop's context (run).
+        self._named = {"engine": config.engine_name} if len(config.engines) > 1 else {}
+        self._log = structlog.get_logger("autosleepd.supervisor").bind(**self._named)
         # the engine as believed
         self.state = State.STARTING
         self._entered_at = clock.now()
@@ -270,6 +273,7 @@ class Supervisor:
 
     async def run(self) -> None:
         """Decide, act, repeat: every probe, sleep, wake and restart happens here."""
+        structlog.contextvars.bind_contextvars(**self._named)   # this task and what it starts
         while not self.closing:
             act, deadline = self._decide()
             if act is None:
