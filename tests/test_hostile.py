@@ -238,6 +238,18 @@ async def test_slow_headers_and_idle_keep_alive_connections_are_closed(make_sim,
     idle.close()
 
 
+
+async def test_a_client_that_stops_halfway_through_its_body_does_not_keep_the_engine_awake(make_sim, make_proxy):
+    sim = await make_sim(sleep_seconds=0.01)
+    server = await make_proxy(sim.url, header_timeout=0.2, idle_timeout=0.3)
+    reader, writer = await raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                            b"Content-Type: application/json\r\n"
+                                            b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+    await eventually(lambda: server.supervisor.admission.in_flight == 1, what="the request in flight")
+    assert await asyncio.wait_for(reader.read(), 5) == b""        # closed by autosleepd
+    await eventually(lambda: server.supervisor.state is State.ASLEEP, what="the idle sleep")
+    writer.close()
+
 async def test_out_of_descriptors_gives_503_and_leaves_the_engine_state_alone(make_sim, make_proxy, http):
     sim = await make_sim()
     server = await make_proxy(sim.url)

@@ -62,7 +62,7 @@ class Supervisor:
         # On a host of several engines every line says whose it is: the supervisor's own lines
         # through this logger, the procedures' lines through the control loop's context (run).
         self._named = {"engine": config.engine_name} if len(config.engines) > 1 else {}
-        self._log = structlog.get_logger("autosleepd.supervisor").bind(**self._named)
+        self._log = structlog.get_logger("autosleepd.supervisor", **self._named)
         # the engine as believed
         self.state = State.STARTING
         self._entered_at = clock.now()

@@ -154,7 +154,9 @@ class ClientConnection(asyncio.Protocol):
         self._parsing.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._deadline = None
+        # A body must keep coming (each read within the header timeout): a client that stops
+        # halfway would hold its request in flight, and the engine awake, for ever.
+        self._set_deadline(self.relay.config.header_timeout, "body_timeout")
         parser, exchange = self._parser, self._parsing
         exchange.headers_complete(parser.get_method(), parser.get_http_version(),
                                   parser.should_keep_alive())
@@ -165,10 +167,13 @@ class ClientConnection(asyncio.Protocol):
             self.pause("pipelined")
 
     def on_body(self, body: bytes) -> None:
+        self._deadline = asyncio.get_running_loop().time() + self.relay.config.header_timeout
         self._parsing.body_chunk(body)
 
     def on_message_complete(self) -> None:
         exchange, self._parsing = self._parsing, None
+        if self._deadline_is == "body_timeout":
+            self._deadline = None
         exchange.body_complete()
 
     # ----- the exchanges ------------------------------------------------------------------------
@@ -225,10 +230,17 @@ class ClientConnection(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         left = self._deadline - loop.time()
-        if left > 0:
+        stalled_body = self._deadline_is == "body_timeout"
+        if left > 0 or stalled_body and (self._paused or self._parsing is None
+                                         or self._parsing.body_arrived is not None):
+            # A body is not late while we do not read it (held, the engine or a pipelined
+            # request first), nor while the relay reads it whole to route it (it answers 408).
+            if left <= 0:
+                left = self.relay.config.header_timeout
+                self._deadline = loop.time() + left
             self._timer = loop.call_later(min(left, self._shortest()), self._check_deadline)
             return
-        if self._deadline_is == "header_timeout":
-            _log.debug("header_timeout", client=self.remote,
+        if self._deadline_is in ("header_timeout", "body_timeout"):
+            _log.debug(self._deadline_is, client=self.remote,
                        seconds=self.relay.config.header_timeout)
         self.transport.close()
