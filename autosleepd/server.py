@@ -134,7 +134,7 @@ class Autosleepd:
         self._log.info("listening", host=config.host, port=self.port,
                        engines={e.name: e.config.upstream for e in engines},
                        upstream=config.upstream, idle_timeout_s=config.idle_timeout,
-                       sleep_level=config.sleep_level)
+                       sleep_level="auto" if config.sleep_level_auto else config.sleep_level)
 
     @property
     def url(self) -> str:

@@ -46,7 +46,7 @@ def test_bodies_that_name_no_model():
 
 @pytest.mark.parametrize("content_type, body, said", [
     ("application/json", b'{"model": ', "not valid JSON"),
-    ("application/json", b'{"model": 7}', "int, not a string"),
+    ("application/json", b'{"model": 7}', "is a number, not a string"),
     ("multipart/form-data", b"--x\r\n", "no boundary"),
 ])
 def test_a_body_that_cannot_be_read_for_its_model_says_why(content_type, body, said):

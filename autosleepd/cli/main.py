@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_sim   # the simulator is loaded only for sim and demo
         return run_sim(args)
     if command in ("status", "sleep", "wake", "ps", "pin", "unpin"):
-        return remote.run(command, args, os.environ)
+        try:
+            return remote.run(command, args, os.environ)
+        except BrokenPipeError:   # `autosleepd ps | head -1`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     try:
         config = Config.from_env(os.environ)
         if command == "demo":

@@ -56,7 +56,9 @@ def _json_model(body: bytes, strict: bool) -> str | None:
     if model is None:
         return None
     if not isinstance(model, str):
-        raise NoModel(f"the 'model' field is a {type(model).__name__}, not a string")
+        kind = {bool: "true or false", int: "a number", float: "a number", list: "an array",
+                dict: "an object", type(None): "null"}.get(type(model), type(model).__name__)
+        raise NoModel(f"the 'model' field is {kind}, not a string")
     return model
 
 
