@@ -84,6 +84,7 @@ class Config:
     engine_wake_timeout: float = 600.0   # one whole wake sequence, engine-side
     upstream_api_key: str | None = field(default=None, repr=False)   # vLLM's --api-key
     event_loop: str = "auto"             # "auto" (uvloop when installed), "uvloop" or "asyncio"
+    workers: int = 1                     # processes serving the data path (the owner is one)
     # The memory guard
     engine_pid: int | None = None        # the vLLM server's PID; else found from the upstream port
     gpus: frozenset[str] = frozenset()   # the engine's GPUs (indices or UUIDs); else learned
@@ -147,6 +148,7 @@ class Config:
                                          _positive_duration),
             upstream_api_key=_api_key(read),
             event_loop=read.get("EVENT_LOOP", cls.event_loop, _event_loop),
+            workers=read.get("WORKERS", cls.workers, _int_at_least(1)),
             engine_pid=read.get("ENGINE_PID", None, _int_at_least(1)),
             gpus=read.get("GPUS", cls.gpus, _gpu_list),
             wake_memory=read.get("WAKE_MEMORY", cls.wake_memory, _size),

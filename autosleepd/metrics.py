@@ -117,14 +117,15 @@ class Metrics(Observer):
 
     # ----- the proxy's observer --------------------------------------------------------------
 
-    def request(self, kind: str, status: int) -> None:
+    def request(self, kind: str, status: int, count: int = 1) -> None:
+        """``count``: how many, where worker processes report them in bulk."""
         key = (kind, status // 100)
         counter = self._proxied_children.get(key)
         if counter is None:   # labels() costs a lock and a lookup: once per (kind, class)
             counter = self._proxied_children[key] = self.proxied.labels(kind, f"{status // 100}xx")
-        counter.inc()
+        counter.inc(count)
         if kind == "blocked":
-            self.refused.labels("blocked_path").inc()
+            self.refused.labels("blocked_path").inc(count)
 
     async def handle(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),

@@ -32,9 +32,30 @@ from .notify import SystemdNotifier
 from .policy.prewake import PrewakeLearner
 from .proxy.connections import Connection, Limits
 from .proxy.relay import Proxy, defer_continue
+from .workers.owner import Workers
 
 
 RECEIVE_BUFFER = 16 * 1024
+
+
+async def listen(server: web.Server, config: Config, sock: socket.socket | None = None) -> asyncio.Server:
+    """Accept clients for ``server``: on the configured address, or on ``sock`` (a worker's)."""
+    limits = Limits(config.max_connections, config.header_timeout)
+    loop = asyncio.get_running_loop()
+
+    def connection() -> Connection:
+        return Connection(server, limits, loop=loop, access_log=None,
+                          keepalive_timeout=config.keepalive_timeout, read_bufsize=RECEIVE_BUFFER)
+
+    # A backlog like uvicorn's: a burst of clients connecting at once must not have its
+    # connects dropped (each drop costs the client a one-second SYN retry).
+    if sock is not None:
+        return await loop.create_server(connection, sock=sock, backlog=2048)
+    listener = await loop.create_server(connection, config.host, config.port, backlog=2048,
+                                        reuse_address=True)
+    for bound in listener.sockets:
+        bound.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    return listener
 
 
 class Autosleepd:
@@ -86,9 +107,9 @@ class Autosleepd:
         self.proxy.observer = self.metrics
         await self.proxy.start()
         self.admin = Admin(self.supervisor, config.admin_token, config.sleep_level, self._status)
+        admin_routes = [web.get("/autosleepd/metrics", self._metrics), *self.admin.routes()]
         app = web.Application()
-        app.router.add_get("/autosleepd/metrics", self.metrics.handle)
-        app.add_routes(self.admin.routes())
+        app.add_routes(admin_routes)
         app.router.add_route("*", "/{path:.*}", self.proxy.handle, expect_handler=defer_continue)
         # handler_cancellation: a client that goes away cancels its handler, which takes it out
         # of the queue or closes its upstream request (so vLLM aborts the generation).
@@ -96,24 +117,16 @@ class Autosleepd:
         # answered requests finish writing.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
-        limits = Limits(config.max_connections, config.header_timeout)
-        server, loop = self._runner.server, asyncio.get_running_loop()
-
-        def connection() -> Connection:
-            return Connection(server, limits, loop=loop, access_log=None,
-                              keepalive_timeout=config.keepalive_timeout, read_bufsize=RECEIVE_BUFFER)
-
-        # A backlog like uvicorn's: a burst of clients connecting at once must not have its
-        # connects dropped (each drop costs the client a one-second SYN retry).
         try:
-            self._listener = await loop.create_server(connection, config.host, config.port,
-                                                      backlog=2048, reuse_address=True)
+            self._listener = await listen(self._runner.server, config)
         except OSError:
             await self._close_clients()
             raise
-        for sock in self._listener.sockets:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.port = self._listener.sockets[0].getsockname()[1]
+        self.workers = None
+        if config.workers > 1:
+            self.workers = Workers(config, self.supervisor, self._listener.sockets, self.metrics)
+            await self.workers.start(admin_routes)
         self._tasks = [asyncio.create_task(self.notifier.keep_watchdog_fed())]
         if self.coordinator is not None:
             await self.coordinator.serve(self.supervisor, self.url)
@@ -131,10 +144,16 @@ class Autosleepd:
                        queued=self.supervisor.admission.queued)
         self.notifier.stopping()
         self._listener.close()                  # no new connections
+        if self.workers is not None:
+            self.workers.stop_accepting()       # each worker drains its own in-flight work
         self.supervisor.close()                 # held requests get 503, new ones too
-        drained = await self.supervisor.wait_drained(self.config.shutdown_timeout)
-        if not drained:
+        waits = [self.supervisor.wait_drained(self.config.shutdown_timeout)]
+        if self.workers is not None:
+            waits.append(self.workers.wait_stopped(self.config.shutdown_timeout))
+        if not all(await asyncio.gather(*waits)):
             self._log.warning("shutdown_timeout", in_flight=self.supervisor.admission.in_flight)
+        if self.workers is not None:
+            await self.workers.close()
         self._control.cancel()
         for task in self._tasks:
             task.cancel()
@@ -145,6 +164,11 @@ class Autosleepd:
         await self._close_clients()
         self.notifier.close()
         self._log.info("stopped")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.workers is not None:
+            await self.workers.collect()
+        return await self.metrics.handle(request)
 
     def _status(self) -> dict:
         """The wire form of GET /autosleepd/status."""

@@ -23,6 +23,11 @@ from autosleepd.control.supervisor import Supervisor
 
 log.configure("warning", "json")
 
+# AUTOSLEEPD_TEST_WORKERS=N runs every autosleepd the tests start with N worker processes (the
+# Makefile's test target runs the suite with 1 and with 2). Tests that read one process's
+# internals are marked ``single_process`` and keep one.
+TEST_WORKERS = int(os.environ.get("AUTOSLEEPD_TEST_WORKERS", "1"))
+
 
 class FakeEngine:
     """An engine at the edge of the supervisor: records calls, fails or blocks on request."""
@@ -159,7 +164,7 @@ async def make_proxy():
     async def make(upstream: str, wait_ready: bool = True, gpu=None, processes=None,
                    restart=None, **overrides) -> Autosleepd:
         defaults = dict(upstream=upstream, host="127.0.0.1", port=0, idle_timeout=0,
-                        wake_timeout=10.0, probe_interval=30.0)
+                        wake_timeout=10.0, probe_interval=30.0, workers=TEST_WORKERS)
         server = Autosleepd(dataclasses.replace(Config(), **{**defaults, **overrides}),
                             gpu=gpu or NoGpu(), processes=processes, restart=restart)
         await server.start()
@@ -211,7 +216,8 @@ async def start_daemon():
     async def start(upstream: str, **env) -> Daemon:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
         environ.update({"AUTOSLEEPD_UPSTREAM": upstream, "AUTOSLEEPD_HOST": "127.0.0.1",
-                        "AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_LOG_FORMAT": "json", **env})
+                        "AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_LOG_FORMAT": "json",
+                        "AUTOSLEEPD_WORKERS": str(TEST_WORKERS), **env})
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "autosleepd", env=environ, stderr=asyncio.subprocess.PIPE)
         early = []

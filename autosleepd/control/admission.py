@@ -3,6 +3,9 @@
 A held request waits on a future, in arrival order, until the supervisor lets everything through
 (``release_all``), refuses everything (``refuse_all``), or its own deadline passes. A client that
 goes away leaves the queue and leaves no trace in any counter.
+
+With worker processes (``workers/``), work they forward themselves is counted in their shared
+segment (``elsewhere``): ``in_flight`` and ``last_work_end`` include it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ class Admission:
         self._on_abandoned = on_abandoned    # a held client went away
         self._held: dict[asyncio.Future, _Hold] = {}   # dicts keep arrival order
         self.queued = 0                      # holds that are work (the rest are manual wakes)
-        self.in_flight = 0                   # admitted work not yet finished
-        self.last_work_end = clock.now()
+        self.own_in_flight = 0               # admitted here, not yet finished
+        self._last_work_end = clock.now()
+        self.elsewhere = None                # the workers' shared segment: .in_flight(), .last_activity()
         self.drained = asyncio.Event()
         self.drained.set()
 
@@ -48,14 +52,31 @@ class Admission:
     def idle(self) -> bool:
         return not self.in_flight and not self._held
 
+    @property
+    def in_flight(self) -> int:
+        """Admitted work not yet finished, here and in worker processes."""
+        if self.elsewhere is None:
+            return self.own_in_flight
+        return self.own_in_flight + self.elsewhere.in_flight()
+
+    @property
+    def last_work_end(self) -> float:
+        if self.elsewhere is None:
+            return self._last_work_end
+        return max(self._last_work_end, self.elsewhere.last_activity())
+
+    @last_work_end.setter
+    def last_work_end(self, when: float) -> None:
+        self._last_work_end = when
+
     def enter(self) -> None:
-        self.in_flight += 1
+        self.own_in_flight += 1
         self.drained.clear()
 
     def leave(self) -> None:
-        self.in_flight -= 1
-        self.last_work_end = self._clock.now()
-        if self.in_flight == 0:
+        self.own_in_flight -= 1
+        self._last_work_end = self._clock.now()
+        if self.own_in_flight == 0:
             self.drained.set()
             self._on_change()
 
