@@ -12,8 +12,11 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed   ## the simulator with autosleepd in front: a sleep and a wake in seconds
 	$(VENV)/bin/autosleepd demo
 
-test: $(VENV)/.installed   ## the whole test suite
+# Twice: with one process, and with two worker processes (AUTOSLEEPD_WORKERS=2) for every
+# autosleepd the tests start (tests marked single_process keep one).
+test: $(VENV)/.installed   ## the whole test suite, with 1 and with 2 workers
 	$(VENV)/bin/python -m pytest
+	AUTOSLEEPD_TEST_WORKERS=2 $(VENV)/bin/python -m pytest
 
 # Over 4 minutes (10 s per load cell, a 60 s idle measurement); `bench.py --quick` is shorter.
 # `exec`: make's SIGTERM reaches bench.py itself, which stops everything it started.

@@ -192,6 +192,8 @@ class Autosleepd:
         def on_signal(signum: int) -> None:
             if stop.is_set():
                 self._log.warning("forced_exit", signal=signal.Signals(signum).name)
+                if self.workers is not None:
+                    self.workers.kill()
                 os._exit(1)
             self._log.info("signal", signal=signal.Signals(signum).name)
             stop.set()

@@ -157,14 +157,18 @@ async def make_sim():
         await sim.close()
 
 
+def workers_for(request) -> int:
+    return 1 if request.node.get_closest_marker("single_process") else TEST_WORKERS
+
+
 @pytest.fixture
-async def make_proxy():
+async def make_proxy(request):
     servers: list[Autosleepd] = []
 
     async def make(upstream: str, wait_ready: bool = True, gpu=None, processes=None,
                    restart=None, **overrides) -> Autosleepd:
         defaults = dict(upstream=upstream, host="127.0.0.1", port=0, idle_timeout=0,
-                        wake_timeout=10.0, probe_interval=30.0, workers=TEST_WORKERS)
+                        wake_timeout=10.0, probe_interval=30.0, workers=workers_for(request))
         server = Autosleepd(dataclasses.replace(Config(), **{**defaults, **overrides}),
                             gpu=gpu or NoGpu(), processes=processes, restart=restart)
         await server.start()
@@ -210,14 +214,14 @@ class Daemon:
 
 
 @pytest.fixture
-async def start_daemon():
+async def start_daemon(request):
     started: list[Daemon] = []
 
     async def start(upstream: str, **env) -> Daemon:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
         environ.update({"AUTOSLEEPD_UPSTREAM": upstream, "AUTOSLEEPD_HOST": "127.0.0.1",
                         "AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_LOG_FORMAT": "json",
-                        "AUTOSLEEPD_WORKERS": str(TEST_WORKERS), **env})
+                        "AUTOSLEEPD_WORKERS": str(workers_for(request)), **env})
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "autosleepd", env=environ, stderr=asyncio.subprocess.PIPE)
         early = []

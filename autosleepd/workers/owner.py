@@ -150,11 +150,10 @@ class Workers:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "autosleepd.workers.worker", ",".join(map(str, listeners)),
                 str(self.shared.fd), str(theirs.fileno()), str(slot), str(self.count),
-                self._admin_path, stdin=asyncio.subprocess.PIPE,
-                pass_fds=(*listeners, self.shared.fd, theirs.fileno()))
-        process.stdin.write(pickle.dumps(self.config))
-        process.stdin.close()
+                self._admin_path, pass_fds=(*listeners, self.shared.fd, theirs.fileno()))
         reader, writer = await asyncio.open_unix_connection(sock=mine)
+        config = pickle.dumps(self.config)
+        writer.write(len(config).to_bytes(8, "big") + config)   # the worker's first read
         link = self.links[slot] = _Link(self, slot, process, reader, writer)
         started = asyncio.get_running_loop().time()
         try:
@@ -214,6 +213,12 @@ class Workers:
         for link in self.links.values():
             if link.process.returncode is None:
                 link.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """A forced exit: the workers go at once too (they would drain for the shutdown timeout)."""
+        for link in self.links.values():
+            if link.process.returncode is None:
+                link.process.kill()
 
     async def wait_stopped(self, timeout: float) -> bool:
         processes = [link.process for link in self.links.values()]

@@ -1,6 +1,6 @@
 """A worker process: ``python -m autosleepd.workers.worker LISTEN SEGMENT LINK SLOT SLOTS ADMIN``
 (inherited descriptors, its slot in the segment, the owner's admin socket path), the config
-pickled on standard input. Started and restarted by the owner (``owner.py``), never by hand.
+pickled, length first, as the link's first bytes. Started and restarted by the owner (``owner.py``), never by hand.
 
 It relays the data path with the same ``Proxy`` as the owner, through a ``WorkerGate``, and sends
 autosleepd's own endpoints (/autosleepd/...) to the owner over its admin socket with the client's
@@ -110,8 +110,21 @@ class Worker:
                                          if name.lower() not in _NOT_PASSED})
 
 
+def _read(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise SystemExit("autosleepd worker: the owner went away before sending the config")
+        data += chunk
+    return data
+
+
 def main(argv: list[str]) -> int:
-    config: Config = pickle.load(sys.stdin.buffer)
+    link = socket.socket(fileno=int(argv[2]))
+    size = int.from_bytes(_read(link, 8), "big")
+    config: Config = pickle.loads(_read(link, size))
+    link.detach()
     log.configure(config.log_level, config.log_format)
     segment_fd, link_fd, slot, slots = (int(arg) for arg in argv[1:5])
     worker = Worker(config, [int(fd) for fd in argv[0].split(",")], segment_fd, link_fd, slot,
