@@ -191,6 +191,10 @@ class Config:
         _check_recycling(config, env)
         if config.prewake == "learned" and not config.autosleep:
             raise ConfigError(PREFIX + "PREWAKE", "learned", "autosleep on (an idle timeout above 0)")
+        if config.prewake == "learned" and config.workers > 1:
+            # Workers admit without the owner: the learner would miss arrivals it learns from.
+            raise ConfigError(PREFIX + "WORKERS", env[PREFIX + "WORKERS"],
+                              "1 while AUTOSLEEPD_PREWAKE=learned (the learner must see every arrival)")
         return config
 
     @property
