@@ -33,6 +33,17 @@ async def fresh(url: str, method: str, path: str, **kwargs) -> tuple[int, dict, 
             return response.status, dict(response.headers), await response.json(content_type=None)
 
 
+async def stream_while(url: str, tokens: int, start) -> tuple[bytes, asyncio.Task]:
+    """A stream of ``tokens``; once under way (on a worker), ``start()`` runs as a task beside
+    it. Returns the stream's whole body, and the task."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/completions",
+                             json=completion("long", tokens, stream=True)) as response:
+            await response.content.readline()
+            task = asyncio.create_task(start())
+            return await response.read(), task
+
+
 async def test_workers_answer_a_burst_while_asleep_with_one_wake(make_sim, make_proxy):
     sim = await make_sim(wake_seconds=0.2)
     server = await make_proxy(sim.url, workers=WORKERS)
@@ -149,3 +160,34 @@ async def test_metrics_count_what_every_worker_relayed(make_sim, make_proxy):
             text = await response.text()
     assert 'autosleepd_requests_total{code="2xx",kind="work"} 30.0' in text
     assert 'autosleepd_requests_total{code="2xx",kind="passive"} 3.0' in text
+
+
+async def test_shutdown_lets_a_workers_stream_finish_and_answers_its_held_requests(
+        make_sim, make_proxy):
+    sim = await make_sim(token_seconds=0.02)
+    streaming = await make_proxy(sim.url, workers=WORKERS)
+    only_workers(streaming)
+    body, stopped = await stream_while(streaming.url, 40, streaming.shutdown)
+    await stopped
+    assert body.rstrip().endswith(b"data: [DONE]"), "the stream was cut by the shutdown"
+
+    asleep = await make_sim(wake_seconds=5.0)
+    holding = await make_proxy(asleep.url, workers=WORKERS)
+    await holding.supervisor.order_sleep(1)
+    only_workers(holding)
+    held = asyncio.create_task(fresh(holding.url, "POST", "/v1/completions", json=completion()))
+    await eventually(lambda: holding.supervisor.admission.queued == 1, what="the request held")
+    await holding.shutdown()
+    status, headers, body = await held
+    assert status == 503 and body["error"]["code"] == "shutting_down" and "Retry-After" in headers
+
+
+async def test_a_sleep_ordered_during_a_workers_stream_waits_for_it_to_end(make_sim, make_proxy):
+    sim = await make_sim(token_seconds=0.01)
+    server = await make_proxy(sim.url, workers=WORKERS)
+    only_workers(server)
+    body, sleeping = await stream_while(server.url, 30, lambda: server.supervisor.order_sleep(1))
+    async with asyncio.timeout(2):
+        await sleeping
+    assert body.rstrip().endswith(b"data: [DONE]") and sim.sleeping
+    assert sim.stats.violations == {}

@@ -71,8 +71,8 @@ class WorkerGate:
         if self.owed:
             self.owed -= 1
             self.send({"op": "release"})
-        else:
-            self._shared.leave(self._slot)
+        elif self._shared.leave(self._slot):
+            self.send({"op": "drained"})
 
     def stalled(self) -> None:
         now = self.now()

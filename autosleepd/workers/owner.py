@@ -6,8 +6,10 @@ request waits in the one queue, under the one bound and the one wake), ``cancel`
 ``stalled`` and ``unreachable``. A worker that exits unasked is noticed at once (its process is
 awaited): whatever it had in flight is written off (its line reset, what the owner admitted for
 it released) and it is started again. The supervisor reads the workers' in-flight counts and last
-activity from the shared segment; a poll wakes its loop when they change, so a drain or an idle
-window ending in a worker is seen within POLL seconds.
+activity from the shared segment; a poll wakes its loop when they change (every POLL seconds
+while workers have work in flight, so the end of it is seen at once; every POLL_IDLE otherwise,
+as the idle timer reads the segment when it is due anyway), and a worker whose last request ends
+while admission is closed says so (``drained``), so a drain ends without waiting for a poll.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from ..control.interfaces import Refused
 from .gate import CLIENT_HEADER, encode
 from .shared import SharedAdmission
 
-POLL = 0.02             # seconds between two reads of the workers' activity
+POLL = 0.02             # seconds between two reads of the workers' activity while they work
+POLL_IDLE = 1.0         # while they do not (the idle timer's own deadline reads it anyway)
 START_TIMEOUT = 30.0    # for a worker to say it is ready
 RESTART_BACKOFF = 1.0   # a worker that dies within this of its start is restarted after it
 REPORT_TIMEOUT = 1.0    # for a worker's counts at a metrics scrape
@@ -72,6 +75,8 @@ class _Link:
             elif op == "release":
                 self.admitted -= 1
                 supervisor.release()
+            elif op == "drained":
+                supervisor.notice()
             elif op == "stalled":
                 supervisor.stalled()
             elif op == "unreachable":
@@ -155,6 +160,8 @@ class Workers:
         config = pickle.dumps(self.config)
         writer.write(len(config).to_bytes(8, "big") + config)   # the worker's first read
         link = self.links[slot] = _Link(self, slot, process, reader, writer)
+        if self._stopping:   # restarted while the owner began to stop: this one stops too
+            process.send_signal(signal.SIGTERM)
         started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(START_TIMEOUT):
@@ -190,7 +197,7 @@ class Workers:
             if now != seen:
                 seen = now
                 self.supervisor.notice()
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(POLL if now[0] else POLL_IDLE)
 
     async def collect(self) -> None:
         """Add what each worker relayed since the last scrape to the owner's metrics."""
