@@ -68,6 +68,9 @@ class Metrics(Observer):
         self.restarts = Counter("autosleepd_engine_restarts_total",
                                 "Runs of the restart command for a broken engine, by outcome.",
                                 ["outcome"], registry=r)
+        self.worker_exits = Counter("autosleepd_worker_exits_total", "Worker processes "
+                                    "(AUTOSLEEPD_WORKERS) that exited unasked; each is restarted.",
+                                    registry=r)
         for reason in (*Refused.REASONS, "blocked_path"):
             self.refused.labels(reason)
         self._read_status: Callable[[], Status] | None = None

@@ -175,6 +175,8 @@ class Autosleepd:
         status = self.supervisor.status().to_json()
         if self.coordinator is not None:
             status["coordination"] = self.coordinator.status()
+        if self.workers is not None:
+            status["workers"] = {"processes": self.config.workers, "exits": self.workers.exits}
         return status
 
     def _instance_name(self) -> str:

@@ -132,6 +132,11 @@ async def test_a_killed_worker_is_restarted_and_its_requests_no_longer_count(mak
     await server.supervisor.wait_for(State.ASLEEP, timeout=10)   # idle again: it sleeps
     status, _, body = await fresh(server.url, "POST", "/v1/completions", json=completion())
     assert status == 200 and sim.stats.violations == {}
+    status, _, body = await fresh(server.url, "GET", "/autosleepd/status")
+    assert body["workers"] == {"processes": WORKERS, "exits": 1}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/autosleepd/metrics") as response:
+            assert "autosleepd_worker_exits_total 1.0" in await response.text()
 
 
 async def test_admin_endpoints_through_a_worker_keep_the_token(make_sim, make_proxy):

@@ -132,6 +132,7 @@ class Workers:
         self.links: dict[int, _Link] = {}
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
+        self.exits = 0                 # workers that exited unasked (and were restarted)
         self._log = structlog.get_logger("autosleepd.workers")
 
     async def start(self, admin_routes) -> None:
@@ -182,6 +183,8 @@ class Workers:
         self.supervisor.notice()
         if self._stopping:
             return
+        self.exits += 1
+        self.metrics.worker_exits.inc()
         self._log.error("worker_exited", worker=link.slot, pid=link.process.pid, code=code,
                         hint="restarting it; its in-flight requests were cut")
         loop = asyncio.get_running_loop()
