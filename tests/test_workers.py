@@ -84,24 +84,25 @@ async def test_a_hold_timeout_in_a_worker_answers_503_with_the_owners_reason(mak
 
 async def test_the_engine_never_sees_a_request_asleep_while_workers_race_the_idle_sleep(
         make_sim, make_proxy):
-    """An idle window of 20 ms: the engine sleeps and wakes under the clients' feet."""
+    """An idle window of 20 ms: rounds of requests at random moments, each round after a pause
+    long enough to sleep, so the first requests of a round race the sleep decision."""
     sim = await make_sim()
     server = await make_proxy(sim.url, workers=WORKERS, idle_timeout=0.02)
     only_workers(server)
     rng = random.Random(14)
+    statuses = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
 
-    async def client(n: int) -> list[int]:
-        statuses = []
-        async with aiohttp.ClientSession() as http:
-            for i in range(20):
-                await asyncio.sleep(rng.choice((0, 0.005, 0.05, 0.1, 0.2)))
-                async with http.post(server.url + "/v1/completions",
-                                     json=completion(f"{n} {i}", 1)) as response:
-                    statuses.append(response.status)
-        return statuses
+        async def one(i: int) -> int:
+            await asyncio.sleep(rng.uniform(0, 0.06))
+            async with http.post(server.url + "/v1/completions", json=completion(str(i), 1)) as response:
+                return response.status
 
-    statuses = [s for got in await asyncio.gather(*(client(n) for n in range(6))) for s in got]
+        for _ in range(15):
+            statuses += await asyncio.gather(*(one(i) for i in range(12)))
+            await asyncio.sleep(rng.uniform(0.03, 0.12))
     assert statuses == [200] * len(statuses)
+    print(f"{sim.stats.calls['/sleep']} sleeps")
     assert sim.stats.calls["/sleep"] >= 5, "the race was not run: the engine seldom slept"
     assert sim.stats.violations == {}
 

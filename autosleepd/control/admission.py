@@ -5,7 +5,11 @@ A held request waits on a future, in arrival order, until the supervisor lets ev
 goes away leaves the queue and leaves no trace in any counter.
 
 With worker processes (``workers/``), work they forward themselves is counted in their shared
-segment (``elsewhere``): ``in_flight`` and ``last_work_end`` include it.
+segment (``elsewhere``): ``in_flight`` and ``last_work_end`` include it. Its end is not signalled
+(a message per request would cost what the workers save), so while workers have work in flight
+the control loop looks again every ELSEWHERE_POLL (``look_again``): a drain or an idle window
+that ends in a worker is seen within that. With none in flight, nothing there can end, and the
+idle timer reads the segment when it is due.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Callable
 from ..clock import Clock
 from .states import State
 from .status import Status
+
+
+ELSEWHERE_POLL = 0.02   # seconds
 
 
 class HoldExpired(Exception):
@@ -58,6 +65,13 @@ class Admission:
         if self.elsewhere is None:
             return self.own_in_flight
         return self.own_in_flight + self.elsewhere.in_flight()
+
+    def look_again(self, deadline: float | None) -> float | None:
+        """When the control loop, waiting until ``deadline``, must look at the workers again."""
+        if self.elsewhere is None or not self.elsewhere.in_flight():
+            return deadline
+        soon = self._clock.now() + ELSEWHERE_POLL
+        return soon if deadline is None else min(deadline, soon)
 
     @property
     def last_work_end(self) -> float:

@@ -417,6 +417,7 @@ class Supervisor:
         loses nothing.
         """
         self._changed.clear()
+        deadline = self.admission.look_again(deadline)
         timer = self.clock.call_at(deadline, self._changed.set) if deadline is not None else None
         try:
             await self._changed.wait()

@@ -1,7 +1,7 @@
 """The worker's side: the gate the relay calls instead of the supervisor, and its link.
 
-The gate offers what the relay uses of the supervisor: ``admit(until)``, ``release()``,
-``stalled()``, ``engine_unreachable(detail)`` and ``now()``. Admission takes the shared segment's
+The gate offers what the relay uses of the supervisor: ``try_admit()``, ``admit(until)``,
+``release()``, ``stalled()``, ``engine_unreachable(detail)`` and ``now()``. Admission takes the shared segment's
 fast path (no message); a request that finds it closed is held by the owner: a ``hold`` message
 out, ``admitted`` or ``refused`` back. Work the owner admitted is counted in the owner's own
 admission, so its release goes back as a ``release`` message; counts are interchangeable, so any
@@ -22,7 +22,6 @@ import structlog
 from ..control.interfaces import Refused
 from .shared import SharedAdmission
 
-CLIENT_HEADER = "X-Autosleepd-Client"   # the client's address, from a worker to the owner
 STALL_GAP = 1.0   # seconds: a stall is reported at most this often (the owner probes at most so)
 
 
@@ -47,9 +46,16 @@ class WorkerGate:
     def idle(self) -> bool:
         return not self.in_flight and not self._held
 
-    async def admit(self, until: float | None = None) -> None:
+    def try_admit(self) -> bool:
+        """Admitted now (counted in this worker's line) if the owner's flag is open; no message."""
         if self._shared.enter(self._slot):
             self.in_flight += 1
+            return True
+        return False
+
+    async def admit(self, until: float | None = None) -> None:
+        """Return once admitted; raise ``Refused``. The slow path asks the owner."""
+        if self.try_admit():
             return
         number = next(self._ids)
         future = self._held[number] = asyncio.get_running_loop().create_future()
@@ -71,8 +77,8 @@ class WorkerGate:
         if self.owed:
             self.owed -= 1
             self.send({"op": "release"})
-        elif self._shared.leave(self._slot):
-            self.send({"op": "drained"})
+        else:
+            self._shared.leave(self._slot)
 
     def stalled(self) -> None:
         now = self.now()

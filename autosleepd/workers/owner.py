@@ -6,10 +6,7 @@ request waits in the one queue, under the one bound and the one wake), ``cancel`
 ``stalled`` and ``unreachable``. A worker that exits unasked is noticed at once (its process is
 awaited): whatever it had in flight is written off (its line reset, what the owner admitted for
 it released) and it is started again. The supervisor reads the workers' in-flight counts and last
-activity from the shared segment; a poll wakes its loop when they change (every POLL seconds
-while workers have work in flight, so the end of it is seen at once; every POLL_IDLE otherwise,
-as the idle timer reads the segment when it is due anyway), and a worker whose last request ends
-while admission is closed says so (``drained``), so a drain ends without waiting for a poll.
+activity from the shared segment (``Admission.elsewhere``).
 """
 
 from __future__ import annotations
@@ -28,11 +25,9 @@ import structlog
 from aiohttp import web
 
 from ..control.interfaces import Refused
-from .gate import CLIENT_HEADER, encode
+from .gate import encode
 from .shared import SharedAdmission
 
-POLL = 0.02             # seconds between two reads of the workers' activity while they work
-POLL_IDLE = 1.0         # while they do not (the idle timer's own deadline reads it anyway)
 START_TIMEOUT = 30.0    # for a worker to say it is ready
 RESTART_BACKOFF = 1.0   # a worker that dies within this of its start is restarted after it
 REPORT_TIMEOUT = 1.0    # for a worker's counts at a metrics scrape
@@ -40,8 +35,10 @@ REPORT_TIMEOUT = 1.0    # for a worker's counts at a metrics scrape
 
 @web.middleware
 async def _client_from_worker(request: web.Request, handler):
-    """On the owner's admin socket, only workers connect: the client is the one they name."""
-    return await handler(request.clone(remote=request.headers.get(CLIENT_HEADER, "")))
+    """On the owner's admin socket only workers connect, and they put the client's address last
+    in X-Forwarded-For (whatever the client sent before it is the client's own claim)."""
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    return await handler(request.clone(remote=forwarded.rpartition(",")[2].strip() or None))
 
 
 class _Link:
@@ -75,8 +72,6 @@ class _Link:
             elif op == "release":
                 self.admitted -= 1
                 supervisor.release()
-            elif op == "drained":
-                supervisor.notice()
             elif op == "stalled":
                 supervisor.stalled()
             elif op == "unreachable":
@@ -147,7 +142,6 @@ class Workers:
         self.supervisor.admission.elsewhere = self.shared
         self.supervisor.share_admission()
         await asyncio.gather(*(self._start(slot) for slot in range(self.count)))
-        self._spawn(self._watch_activity())
 
     async def _start(self, slot: int) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -192,15 +186,6 @@ class Workers:
             await asyncio.sleep(RESTART_BACKOFF)
         if not self._stopping:
             await self._start(link.slot)
-
-    async def _watch_activity(self) -> None:
-        seen = None
-        while True:
-            now = (self.shared.in_flight(), self.shared.last_activity())
-            if now != seen:
-                seen = now
-                self.supervisor.notice()
-            await asyncio.sleep(POLL if now[0] else POLL_IDLE)
 
     async def collect(self) -> None:
         """Add what each worker relayed since the last scrape to the owner's metrics."""

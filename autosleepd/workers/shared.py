@@ -75,13 +75,10 @@ class SharedAdmission:
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
 
-    def leave(self, slot: int) -> bool:
-        """One request ended; True if it was this worker's last while admission is closed (the
-        owner, draining, wants to hear it at once)."""
+    def leave(self, slot: int) -> None:
         offset = LINE * (slot + 1)
-        count = _WORD.unpack_from(self._map, offset)[0] - 1
-        _SLOT.pack_into(self._map, offset, count, time.monotonic_ns())
-        return count == 0 and _WORD.unpack_from(self._map, 0)[0] == CLOSED
+        count = _WORD.unpack_from(self._map, offset)[0]
+        _SLOT.pack_into(self._map, offset, count - 1, time.monotonic_ns())
 
     # ----- the owner ---------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ pickled, length first, as the link's first bytes. Started and restarted by the o
 
 It relays the data path with the same ``Proxy`` as the owner, through a ``WorkerGate``, and sends
 autosleepd's own endpoints (/autosleepd/...) to the owner over its admin socket with the client's
-address, so tokens and the loopback rule hold as if the owner had been asked.
+address last in X-Forwarded-For, so tokens and the loopback rule hold as if the owner had been
+asked.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from ..cli.main import loop_factory
 from ..config import Config
 from ..proxy.relay import HOP_BY_HOP, Proxy, defer_continue
 from ..server import listen
-from .gate import CLIENT_HEADER, WorkerGate, encode
+from .gate import WorkerGate, encode
 from .shared import SharedAdmission
 
-_NOT_PASSED = HOP_BY_HOP | {"host", "content-length", CLIENT_HEADER.lower()}
+_NOT_PASSED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for"}
 
 
 class RequestCounts:
@@ -101,7 +102,9 @@ class Worker:
     async def to_owner(self, request: web.Request) -> web.Response:
         headers = {name: value for name, value in request.headers.items()
                    if name.lower() not in _NOT_PASSED}
-        headers[CLIENT_HEADER] = request.remote or ""
+        # The client's address last, as the owner's admin socket reads it (and nginx writes it).
+        headers["X-Forwarded-For"] = ", ".join(request.headers.getall("X-Forwarded-For", [])
+                                               + [request.remote or ""])
         body = await request.read() if request.body_exists else None
         async with self._owner.request(request.method, "http://owner" + request.rel_url.raw_path_qs,
                                        headers=headers, data=body) as answer:
