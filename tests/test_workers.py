@@ -17,7 +17,8 @@ import aiohttp
 from autosleepd.control.states import State
 from autosleepd.sim import expected_text
 
-from .conftest import completion, eventually
+from .conftest import completion, eventually, reap
+from .test_reliability import SimProcess
 
 WORKERS = 3
 
@@ -197,3 +198,21 @@ async def test_a_sleep_ordered_during_a_workers_stream_waits_for_it_to_end(make_
         await sleeping
     assert body.rstrip().endswith(b"data: [DONE]") and sim.sleeping
     assert sim.stats.violations == {}
+
+
+async def test_an_engine_down_when_a_worker_connects_holds_the_request_until_it_is_back(make_proxy):
+    sim = SimProcess()
+    await sim.start()
+    try:
+        server = await make_proxy(sim.url, workers=WORKERS)
+        only_workers(server)
+        await sim.kill()
+        later = asyncio.create_task(fresh(server.url, "POST", "/v1/completions",
+                                          json=completion("after the crash")))
+        await server.supervisor.wait_for(State.UNAVAILABLE, timeout=10)   # the worker told the owner
+        assert not later.done()
+        await sim.start()   # same port
+        status, _, body = await asyncio.wait_for(later, 30)
+        assert status == 200 and body["choices"][0]["text"] == expected_text("after the crash", 4)
+    finally:
+        await reap([sim.process])
