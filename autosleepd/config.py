@@ -148,7 +148,7 @@ class Config:
                                          _positive_duration),
             upstream_api_key=_api_key(read),
             event_loop=read.get("EVENT_LOOP", cls.event_loop, _event_loop),
-            workers=read.get("WORKERS", cls.workers, _int_at_least(1)),
+            workers=read.get("WORKERS", cls.workers, _workers),
             engine_pid=read.get("ENGINE_PID", None, _int_at_least(1)),
             gpus=read.get("GPUS", cls.gpus, _gpu_list),
             wake_memory=read.get("WAKE_MEMORY", cls.wake_memory, _size),
@@ -271,6 +271,16 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise _Invalid(f"a whole number of at least {low}")
         return value
     return parse
+
+
+MAX_WORKERS = 64   # a typo (1000) must not start a thousand processes
+
+
+def _workers(raw: str) -> int:
+    value = _ascii_int(raw)
+    if value is None or not 1 <= value <= MAX_WORKERS:
+        raise _Invalid(f"a number of processes from 1 to {MAX_WORKERS}")
+    return value
 
 
 def _port(raw: str) -> int:

@@ -57,7 +57,7 @@ def test_everything_can_be_set():
     ("AUTOSLEEPD_SLEEP_LEVEL", "3"), ("AUTOSLEEPD_SLEEP_LEVEL", "one"),
     ("AUTOSLEEPD_PORT", "80800"), ("AUTOSLEEPD_PORT", "http"),
     ("AUTOSLEEPD_MAX_QUEUE", "-5"), ("AUTOSLEEPD_MAX_QUEUE", "1e3"),
-    ("AUTOSLEEPD_WORKERS", "0"), ("AUTOSLEEPD_WORKERS", "two"),
+    ("AUTOSLEEPD_WORKERS", "0"), ("AUTOSLEEPD_WORKERS", "two"), ("AUTOSLEEPD_WORKERS", "1000"),
     ("AUTOSLEEPD_UPSTREAM", "localhost:8000"), ("AUTOSLEEPD_UPSTREAM", "ftp://x"),
     ("AUTOSLEEPD_UPSTREAM", "http://host:port"), ("AUTOSLEEPD_LOG_LEVEL", "loud"),
     ("AUTOSLEEPD_LOG_FORMAT", "xml"), ("AUTOSLEEPD_LOG_REQUESTS", "maybe"),
