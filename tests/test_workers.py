@@ -13,6 +13,8 @@ import random
 import signal
 
 import aiohttp
+import psutil
+import pytest
 
 from autosleepd.control.states import State
 from autosleepd.sim import expected_text
@@ -216,3 +218,16 @@ async def test_an_engine_down_when_a_worker_connects_holds_the_request_until_it_
         assert status == 200 and body["choices"][0]["text"] == expected_text("after the crash", 4)
     finally:
         await reap([sim.process])
+
+
+async def test_workers_of_a_killed_owner_stop_and_free_the_port(make_sim, start_daemon):
+    sim = await make_sim()
+    daemon = await start_daemon(sim.url, AUTOSLEEPD_WORKERS=str(WORKERS))
+    workers = psutil.Process(daemon.process.pid).children()
+    assert len(workers) == WORKERS - 1
+    daemon.process.kill()
+    await daemon.process.wait()
+    gone, alive = await asyncio.to_thread(psutil.wait_procs, workers, timeout=10)
+    assert not alive, "workers outlived their owner"
+    with pytest.raises(OSError):   # nothing listens any more
+        await asyncio.open_connection("127.0.0.1", daemon.port)
