@@ -30,8 +30,10 @@ def encode(message: dict) -> bytes:
 
 
 class WorkerGate:
-    def __init__(self, shared: SharedAdmission, slot: int, writer: asyncio.StreamWriter):
+    def __init__(self, shared: SharedAdmission, slot: int, writer: asyncio.StreamWriter,
+                 observer=None):
         self._shared, self._slot, self._writer = shared, slot, writer
+        self._observer = observer   # told of each held request let through: .released(seconds)
         self._ids = itertools.count()
         self._held: dict[int, asyncio.Future] = {}
         self.owed = 0              # admitted by the owner, not yet released
@@ -58,7 +60,9 @@ class WorkerGate:
         if self.try_admit():
             return
         number = next(self._ids)
-        future = self._held[number] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = self._held[number] = loop.create_future()
+        since = loop.time()
         self.send({"op": "hold", "id": number,
                     "wait": None if until is None else max(0.0, until - self.now())})
         try:
@@ -71,6 +75,8 @@ class WorkerGate:
             raise
         self.owed += 1
         self.in_flight += 1
+        if self._observer is not None:
+            self._observer.released(loop.time() - since)
 
     def release(self) -> None:
         self.in_flight -= 1

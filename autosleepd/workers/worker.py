@@ -24,6 +24,7 @@ from aiohttp import web
 from .. import log
 from ..cli.main import loop_factory
 from ..config import Config
+from ..heap import HeapTrimmer
 from ..proxy.relay import HOP_BY_HOP, Proxy, defer_continue
 from ..server import listen
 from .gate import WorkerGate, encode
@@ -56,7 +57,9 @@ class Worker:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         reader, writer = await asyncio.open_unix_connection(sock=self._link)
-        self.gate = WorkerGate(self._shared, self.slot, writer)
+        # A burst of held requests let through leaves its bodies' heap here: trim it after.
+        self.gate = WorkerGate(self._shared, self.slot, writer,
+                               observer=HeapTrimmer(lambda: self.gate.idle))
         self.proxy = Proxy(self.config, self.gate)
         self.counts = self.proxy.observer = RequestCounts()
         await self.proxy.start()
