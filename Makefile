@@ -12,8 +12,11 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed   ## the simulator with autosleepd in front: a sleep and a wake in seconds
 	$(VENV)/bin/autosleepd demo
 
-test: $(VENV)/.installed browser   ## the whole test suite
+# Twice: with one process, and with two worker processes (AUTOSLEEPD_WORKERS=2) for every
+# autosleepd the tests start (tests marked single_process, and hosts of several engines, keep one).
+test: $(VENV)/.installed browser   ## the whole test suite, with 1 and with 2 workers
 	$(VENV)/bin/python -m pytest
+	AUTOSLEEPD_TEST_WORKERS=2 $(VENV)/bin/python -m pytest
 
 # The live page's browser test needs Chromium: installed here when run as root where apt is (CI,
 # a fresh Debian box); elsewhere that one test skips and says why. A failed install only warns.
