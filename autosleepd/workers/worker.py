@@ -95,12 +95,15 @@ class Worker:
         return 0
 
     async def _follow_owner(self, reader: asyncio.StreamReader) -> None:
-        async for line in reader:
-            message = json.loads(line)
-            if message["op"] == "report":
-                self.gate.send({"op": "report", "id": message["id"], "counts": self.counts.counts})
-            else:
-                self.gate.answer(message)
+        try:
+            async for line in reader:
+                message = json.loads(line)
+                if message["op"] == "report":
+                    self.gate.send({"op": "report", "id": message["id"], "counts": self.counts.counts})
+                else:
+                    self.gate.answer(message)
+        except ConnectionError:   # a message written to a dead owner breaks the link this way
+            pass
         self._log.warning("owner_gone", hint="the owner process exited: this worker stops")
         self.gate.owner_gone()
         self._stop.set()
