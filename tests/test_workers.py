@@ -16,8 +16,11 @@ import aiohttp
 import psutil
 import pytest
 
+from autosleepd.config import Config
 from autosleepd.control.states import State
-from autosleepd.sim import expected_text
+from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
+from autosleepd.sim.gpu import SimGpu, SimProcesses
+from autosleepd.sim.launcher import Launcher
 
 from .conftest import completion, eventually, reap
 from .test_reliability import SimProcess
@@ -59,6 +62,38 @@ async def test_workers_answer_a_burst_while_asleep_with_one_wake(make_sim, make_
         assert body["choices"][0]["text"] == expected_text(f"request {i}", 3)
     assert sim.stats.calls["/wake_up"] == 1 and sim.stats.violations == {}
     await eventually(lambda: server.supervisor.admission.in_flight == 0, what="all released")
+
+
+async def test_a_stopped_engine_holds_workers_requests_in_the_owner_and_starts_once(make_proxy):
+    """The stop rung is asleep to a worker: its requests wait in the owner's queue, one start."""
+    engine = SimulatedEngine(SimSettings())   # down: stopped before autosleepd started
+    launcher = Launcher(engine)
+    await launcher.open()
+    try:
+        rung = Config.from_env({"AUTOSLEEPD_LADDER": "5m:1,1h:stop",
+                                "AUTOSLEEPD_ENGINE_STOP_COMMAND": launcher.command("stop"),
+                                "AUTOSLEEPD_ENGINE_START_COMMAND": launcher.command("start")})
+        server = await make_proxy(engine.url, wait_ready=False, gpu=SimGpu(),
+                                  processes=SimProcesses(engine), workers=WORKERS,
+                                  **{name: getattr(rung, name) for name in (
+                                      "ladder", "idle_timeout", "sleep_level", "stop_command",
+                                      "start_command")})
+        await server.supervisor.wait_for(State.STOPPED, timeout=5)
+        only_workers(server)
+        launcher.gate.clear()   # a slow load: every request arrives while it starts
+        asks = [asyncio.create_task(fresh(server.url, "POST", "/v1/completions",
+                                          json=completion(f"user {i}")))
+                for i in range(12)]
+        await eventually(lambda: server.supervisor.admission.queued == 12, what="all 12 held")
+        assert server.supervisor.state in (State.STOPPED, State.LAUNCHING)
+        launcher.gate.set()
+        results = await asyncio.gather(*asks)
+        assert [status for status, _, _ in results] == [200] * 12
+        assert [body["choices"][0]["text"] for _, _, body in results] == [
+            expected_text(f"user {i}", 4) for i in range(12)]
+        assert launcher.starts == 1 and engine.stats.violations == {}
+    finally:
+        await launcher.close()
 
 
 async def test_the_queue_bound_holds_across_workers(make_sim, make_proxy):
