@@ -219,11 +219,6 @@ class Config:
             # Workers admit without the owner: the learner would miss arrivals it learns from.
             raise ConfigError(PREFIX + "WORKERS", env[PREFIX + "WORKERS"],
                               "1 while AUTOSLEEPD_PREWAKE=learned (the learner must see every arrival)")
-        if config.workers > 1 and len(config.engines) > 1:
-            # One shared admission segment serves one engine's supervisor.
-            raise ConfigError(PREFIX + "WORKERS", env[PREFIX + "WORKERS"],
-                              f"1 while {_ENGINES} names several engines (worker processes serve "
-                              "one engine)")
         return config
 
     @property

@@ -126,8 +126,8 @@ class Autosleepd:
         for sock in self._listener.sockets:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.port = self._listener.sockets[0].getsockname()[1]
-        if config.workers > 1:   # one engine only (Config refuses workers beside several)
-            self.workers = Workers(config, self.supervisor, self._listener.sockets, self.metrics)
+        if config.workers > 1:
+            self.workers = Workers(config, self.host, self._listener.sockets)
             await self.workers.start(own_socket)
         self._tasks = [asyncio.create_task(self.notifier.keep_watchdog_fed())]
         for engine in engines:

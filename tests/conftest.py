@@ -157,10 +157,10 @@ async def make_sim():
         await sim.close()
 
 
-def workers_for(request, several_engines: bool = False, manual_clock: bool = False) -> int:
-    """One process for tests marked so, for hosts of several engines (Config refuses workers
-    there) and under a ManualClock (a worker's times are the real monotonic clock's)."""
-    if request.node.get_closest_marker("single_process") or several_engines or manual_clock:
+def workers_for(request, manual_clock: bool = False) -> int:
+    """One process for tests marked so, and under a ManualClock (a worker's times are the real
+    monotonic clock's)."""
+    if request.node.get_closest_marker("single_process") or manual_clock:
         return 1
     return TEST_WORKERS
 
@@ -173,8 +173,7 @@ async def make_proxy(request):
                    restart=None, clock=None, **overrides) -> Autosleepd:
         defaults = dict(upstream=upstream, host="127.0.0.1", port=0, idle_timeout=0,
                         wake_timeout=10.0, probe_interval=30.0,
-                        workers=workers_for(request, len(overrides.get("engines", ())) > 1,
-                                            clock is not None))
+                        workers=workers_for(request, clock is not None))
         server = Autosleepd(dataclasses.replace(Config(), **{**defaults, **overrides}),
                             gpu=gpu or NoGpu(), processes=processes, restart=restart, clock=clock)
         await server.start()
@@ -230,8 +229,7 @@ async def start_daemon(request):
         environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
         environ.update({"AUTOSLEEPD_UPSTREAM": upstream, "AUTOSLEEPD_HOST": "127.0.0.1",
                         "AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_LOG_FORMAT": "json",
-                        "AUTOSLEEPD_WORKERS": str(workers_for(
-                            request, "," in env.get("AUTOSLEEPD_ENGINES", ""))), **env})
+                        "AUTOSLEEPD_WORKERS": str(workers_for(request)), **env})
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "autosleepd", env=environ, stderr=asyncio.subprocess.PIPE)
         early = []

@@ -225,17 +225,3 @@ def test_workers_are_refused_beside_the_learned_prewake_which_must_see_every_arr
                                           "AUTOSLEEPD_PREWAKE=learned"):
         Config.from_env({"AUTOSLEEPD_WORKERS": "2", "AUTOSLEEPD_PREWAKE": "learned"})
 
-
-def test_workers_beside_several_engines_exit_2_naming_both_variables():
-    """A shared admission segment serves one engine: workers are refused on a host of several."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
-    env.update({"AUTOSLEEPD_PORT": "1", "AUTOSLEEPD_WORKERS": "2",
-                "AUTOSLEEPD_ENGINES": "qwen=http://127.0.0.1:8000,small=http://127.0.0.1:8001"})
-    result = subprocess.run([sys.executable, "-m", "autosleepd"], env=env, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "AUTOSLEEPD_WORKERS='2'" in lines[0], result.stderr
-    assert "AUTOSLEEPD_ENGINES names several engines" in lines[0]
-    one = Config.from_env({"AUTOSLEEPD_WORKERS": "2", "AUTOSLEEPD_ENGINES": "qwen=http://127.0.0.1:8000"})
-    assert one.workers == 2 and len(one.engine_urls) == 1   # one engine behind ENGINES is fine

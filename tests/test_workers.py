@@ -96,6 +96,39 @@ async def test_a_stopped_engine_holds_workers_requests_in_the_owner_and_starts_o
         await launcher.close()
 
 
+async def test_workers_route_by_model_and_each_engine_keeps_its_own_admission(make_proxy):
+    """Two engines behind one port: a worker has a gate per engine (one segment each), so a burst
+    for each model, both asleep, wakes each engine once, and one sleeping never holds the other."""
+    sims = [SimulatedEngine(SimSettings(model=model, wake_seconds=0.2)) for model in ("big", "small")]
+    for sim in sims:
+        await sim.start()
+    try:
+        server = await make_proxy(sims[0].url, workers=WORKERS,
+                                  engines=(("big", sims[0].url), ("small", sims[1].url)))
+        await eventually(lambda: all(e.models.names for e in server.host.engines), what="names")
+        big, small = server.host.engines
+        await big.supervisor.order_sleep(1)
+        await small.supervisor.order_sleep(1)
+        only_workers(server)
+        results = await asyncio.gather(*(
+            fresh(server.url, "POST", "/v1/completions",
+                  json={**completion(f"request {i}", 3), "model": ("big", "small")[i % 2]})
+            for i in range(24)))
+        for i, (status, _, body) in enumerate(results):
+            assert status == 200 and body["model"] == ("big", "small")[i % 2], body
+            assert body["choices"][0]["text"] == expected_text(f"request {i}", 3)
+        assert [sim.stats.calls["/wake_up"] for sim in sims] == [1, 1]
+        assert all(sim.stats.violations == {} for sim in sims)
+        await small.supervisor.order_sleep(1)   # the small one asleep: the big one's work flows
+        status, _, body = await fresh(server.url, "POST", "/v1/completions",
+                                      json={**completion("still awake", 3), "model": "big"})
+        assert status == 200 and small.supervisor.state is State.ASLEEP
+        assert sims[1].stats.calls["/wake_up"] == 1
+    finally:
+        for sim in sims:
+            await sim.close()
+
+
 async def test_the_queue_bound_holds_across_workers(make_sim, make_proxy):
     sim = await make_sim(wake_seconds=1.0)
     server = await make_proxy(sim.url, workers=WORKERS, max_queue=5)
@@ -149,7 +182,7 @@ async def test_a_killed_worker_is_restarted_and_its_requests_no_longer_count(mak
     sim = await make_sim(token_seconds=0.05)
     server = await make_proxy(sim.url, workers=WORKERS, idle_timeout=0.3)
     only_workers(server)
-    shared = server.workers.shared
+    shared = server.workers.shared[0]   # the one engine's segment
 
     async def stream(n: int) -> None:
         try:

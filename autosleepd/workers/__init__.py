@@ -7,5 +7,5 @@ the supervisor's place. A worker admits work without asking the owner while the 
 flag is open (``shared.py``), and asks the owner only on the slow path: a request that finds admission closed is held in the owner's own
 queue (one wake, one queue bound, one set of hold timeouts for every process), and its answer
 (admitted, or refused with a reason) comes back over the worker's link (``gate.py``, ``owner.py``).
-One engine only: AUTOSLEEPD_WORKERS above 1 beside several AUTOSLEEPD_ENGINES is a config error.
+On a host of several engines each engine has its own segment, and a worker a gate per engine.
 """

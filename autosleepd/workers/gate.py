@@ -8,7 +8,9 @@ out, ``admitted`` or ``refused`` back. Work the owner admitted is counted in the
 admission, so its release goes back as a ``release`` message; counts are interchangeable, so any
 release pays back such a debt first.
 
-Messages are JSON lines on a Unix stream socket pair, one per worker.
+Messages are JSON lines on a Unix stream socket pair, one per worker; on a host of several
+engines a worker has a gate per engine (each with that engine's segment), and every message
+about work names its engine.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ def encode(message: dict) -> bytes:
 
 
 class WorkerGate:
+    """One engine's gate in a worker (``engine``: its index in the host, named in every message)."""
+
     def __init__(self, shared: SharedAdmission, slot: int, writer: asyncio.StreamWriter,
-                 observer=None):
-        self._shared, self._slot, self._writer = shared, slot, writer
+                 engine: int = 0, observer=None):
+        self._shared, self._slot, self._writer, self.engine = shared, slot, writer, engine
         self._observer = observer   # told of each held request let through: .released(seconds)
         self._ids = itertools.count()
         self._held: dict[int, asyncio.Future] = {}
@@ -64,15 +68,15 @@ class WorkerGate:
         loop = asyncio.get_running_loop()
         future = self._held[number] = loop.create_future()
         since = loop.time()
-        self.send({"op": "hold", "id": number,
+        self._tell({"op": "hold", "id": number,
                     "wait": None if until is None else max(0.0, until - self.now())})
         try:
             await future
         except asyncio.CancelledError:
             if self._held.pop(number, None) is not None:
-                self.send({"op": "cancel", "id": number})
+                self._tell({"op": "cancel", "id": number})
             elif future.done() and not future.cancelled() and future.exception() is None:
-                self.send({"op": "release"})   # admitted, then cancelled before it could run
+                self._tell({"op": "release"})   # admitted, then cancelled before it could run
             raise
         self.owed += 1
         self.in_flight += 1
@@ -83,7 +87,7 @@ class WorkerGate:
         self.in_flight -= 1
         if self.owed:
             self.owed -= 1
-            self.send({"op": "release"})
+            self._tell({"op": "release"})
         else:
             self._shared.leave(self._slot)
 
@@ -91,13 +95,13 @@ class WorkerGate:
         now = self.now()
         if now - self._last_stall >= STALL_GAP:
             self._last_stall = now
-            self.send({"op": "stalled"})
+            self._tell({"op": "stalled"})
 
     def engine_unreachable(self, detail: str) -> None:
-        self.send({"op": "unreachable", "detail": detail})
+        self._tell({"op": "unreachable", "detail": detail})
 
     def keep_alive(self, seconds: float) -> None:
-        self.send({"op": "keep_alive", "seconds": seconds})
+        self._tell({"op": "keep_alive", "seconds": seconds})
 
     # ----- the owner's answers ------------------------------------------------------------------
 
@@ -105,7 +109,7 @@ class WorkerGate:
         future = self._held.pop(message["id"], None)
         if future is None or future.done():
             if message["op"] == "admitted":
-                self.send({"op": "release"})   # its client went away while the owner admitted it
+                self._tell({"op": "release"})   # its client went away while the owner admitted it
             return
         if message["op"] == "admitted":
             future.set_result(None)
@@ -119,6 +123,10 @@ class WorkerGate:
             if not future.done():
                 future.set_exception(Refused("shutting_down", "autosleepd is shutting down"))
         self._held.clear()
+
+    def _tell(self, message: dict) -> None:
+        """A message about this engine's work."""
+        self.send({**message, "engine": self.engine})
 
     def send(self, message: dict) -> None:
         if not self._writer.is_closing():

@@ -1,14 +1,15 @@
 """The owner's side of the workers: starting and restarting them, answering their links, and
-letting the supervisor see their activity.
+letting each engine's supervisor see their activity.
 
-Per worker, a link task answers ``hold`` (the supervisor's own ``admit``, so a worker's held
-request waits in the one queue, under the one bound and the one wake), ``cancel``, ``release``,
-``stalled``, ``unreachable`` and ``keep_alive``. A worker that exits unasked is noticed at once (its process is
-awaited): whatever it had in flight is written off (its line reset, what the owner admitted for
-it released) and it is started again. The supervisor reads the workers' in-flight counts and last
-activity from the shared segment (``Admission.elsewhere``).
+Per worker, a link task answers ``hold`` (the engine's supervisor's own ``admit``, so a worker's
+held request waits in the one queue, under the one bound and the one wake), ``cancel``,
+``release``, ``stalled``, ``unreachable`` and ``keep_alive``; every message about work names its
+engine. A worker that exits unasked is noticed at once (its process is awaited): whatever it had
+in flight is written off (its lines reset, what the owner admitted for it released) and it is
+started again. Each engine's supervisor reads the workers' in-flight counts and last activity
+from that engine's shared segment (``Admission.elsewhere``). The workers route by model with the
+names the owner learned, sent to them at their start and at each change.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -37,9 +38,9 @@ class _Link:
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.owner, self.slot, self.process = owner, slot, process
         self.reader, self.writer = reader, writer
-        self.holds: dict[int, asyncio.Task] = {}
-        self.admitted = 0              # admitted here for the worker, not yet released
-        self.reported: dict[str, int] = {}   # the worker's request counts last added to metrics
+        self.holds: dict[tuple[int, int], asyncio.Task] = {}   # by (engine, the worker's id)
+        self.admitted = [0] * len(owner.engines)   # per engine: admitted here, not yet released
+        self.reported: list[dict[str, int]] = [{} for _ in owner.engines]   # counts added so far
         self._reports: dict[int, asyncio.Future] = {}
         self._next_report = 0
 
@@ -48,18 +49,25 @@ class _Link:
             self.writer.write(encode(message))
 
     async def serve(self) -> None:
-        supervisor = self.owner.supervisor
         async for line in self.reader:
             message = json.loads(line)
             op = message["op"]
+            if op == "report":
+                future = self._reports.pop(message["id"], None)
+                if future is not None and not future.done():
+                    future.set_result(message["counts"])
+                continue
+            engine = message["engine"]
+            supervisor = self.owner.engines[engine].supervisor
             if op == "hold":
-                self.holds[message["id"]] = asyncio.create_task(self._hold(message["id"], message["wait"]))
+                key = (engine, message["id"])
+                self.holds[key] = asyncio.create_task(self._hold(key, message["wait"]))
             elif op == "cancel":
-                task = self.holds.pop(message["id"], None)
+                task = self.holds.pop((engine, message["id"]), None)
                 if task is not None:
                     task.cancel()
             elif op == "release":
-                self.admitted -= 1
+                self.admitted[engine] -= 1
                 supervisor.release()
             elif op == "stalled":
                 supervisor.stalled()
@@ -67,23 +75,20 @@ class _Link:
                 supervisor.engine_unreachable(message["detail"])
             elif op == "keep_alive":
                 supervisor.keep_alive(message["seconds"])
-            elif op == "report":
-                future = self._reports.pop(message["id"], None)
-                if future is not None and not future.done():
-                    future.set_result(message["counts"])
 
-    async def _hold(self, number: int, wait: float | None) -> None:
-        supervisor = self.owner.supervisor
+    async def _hold(self, key: tuple[int, int], wait: float | None) -> None:
+        engine, number = key
+        supervisor = self.owner.engines[engine].supervisor
         try:
             await supervisor.admit(None if wait is None else supervisor.now() + wait)
         except Refused as refused:
-            self.send({"op": "refused", "id": number, "reason": refused.reason,
+            self.send({"op": "refused", "id": number, "engine": engine, "reason": refused.reason,
                        "message": refused.message, "retry_after": refused.retry_after})
         else:
-            self.admitted += 1
-            self.send({"op": "admitted", "id": number})
+            self.admitted[engine] += 1
+            self.send({"op": "admitted", "id": number, "engine": engine})
         finally:
-            self.holds.pop(number, None)
+            self.holds.pop(key, None)
 
     async def report(self) -> dict[str, int]:
         number, self._next_report = self._next_report, self._next_report + 1
@@ -100,21 +105,25 @@ class _Link:
         for task in self.holds.values():
             task.cancel()
         self.holds.clear()
-        for _ in range(self.admitted):
-            self.owner.supervisor.release()
-        self.admitted = 0
+        for engine, admitted in zip(self.owner.engines, self.admitted):
+            for _ in range(admitted):
+                engine.supervisor.release()
+        self.admitted = [0] * len(self.admitted)
         self.writer.close()
 
 
 class Workers:
-    """``count`` worker processes serving ``listener`` for ``supervisor``'s engine."""
+    """``count`` worker processes serving ``listeners`` for every engine of ``host``: one shared
+    segment per engine, so a worker has one gate per engine, each with its own flag and counts."""
 
-    def __init__(self, config, supervisor, listeners, metrics):
-        self.config, self.supervisor, self.metrics = config, supervisor, metrics
+    def __init__(self, config, host, listeners):
+        self.config, self.host = config, host
+        self.engines = host.engines
+        self.metrics = host.engines[0].metrics   # worker exits: in the first engine's series
         # Its own copies: a worker restarted after the owner stopped accepting still gets them.
         self._listeners = [os.dup(sock.fileno()) for sock in listeners]
         self.count = config.workers - 1
-        self.shared = SharedAdmission.create(self.count)
+        self.shared = [SharedAdmission.create(self.count) for _ in self.engines]
         self.links: dict[int, _Link] = {}
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
@@ -125,18 +134,20 @@ class Workers:
         """Start the workers; ``own_path``: the owner's own-endpoint socket, where their relays
         send autosleepd's own endpoints (with the client's address last in X-Forwarded-For)."""
         self._own_path = own_path
-        self.supervisor.admission.elsewhere = self.shared
-        self.supervisor.share_admission()
+        for engine, shared in zip(self.engines, self.shared):
+            engine.supervisor.admission.elsewhere = shared
+            engine.supervisor.share_admission()
+        self.host.names_watchers.append(self._tell_names)
         await asyncio.gather(*(self._start(slot) for slot in range(self.count)))
 
     async def _start(self, slot: int) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        listeners = self._listeners
+        listeners, segments = self._listeners, [shared.fd for shared in self.shared]
         with theirs:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "autosleepd.workers.worker", ",".join(map(str, listeners)),
-                str(self.shared.fd), str(theirs.fileno()), str(slot), str(self.count),
-                self._own_path, pass_fds=(*listeners, self.shared.fd, theirs.fileno()))
+                ",".join(map(str, segments)), str(theirs.fileno()), str(slot), str(self.count),
+                self._own_path, pass_fds=(*listeners, *segments, theirs.fileno()))
         reader, writer = await asyncio.open_unix_connection(sock=mine)
         config = pickle.dumps(self.config)
         writer.write(len(config).to_bytes(8, "big") + config)   # the worker's first read
@@ -152,6 +163,7 @@ class Workers:
         if json.loads(ready or b"{}").get("op") != "ready":
             self._log.error("worker_not_ready", worker=slot, pid=process.pid)
             process.kill()
+        link.send(self._names())
         self._spawn(link.serve())
         self._spawn(self._follow(link, started))
         self._log.debug("worker_started", worker=slot, pid=process.pid)
@@ -159,8 +171,9 @@ class Workers:
     async def _follow(self, link: _Link, started: float) -> None:
         code = await link.process.wait()
         link.write_off()
-        self.shared.reset(link.slot)
-        self.supervisor.notice()
+        for engine, shared in zip(self.engines, self.shared):
+            shared.reset(link.slot)
+            engine.supervisor.notice()
         if self._stopping:
             return
         self.exits += 1
@@ -180,10 +193,19 @@ class Workers:
         for link, counts in zip(links, reports):
             if isinstance(counts, BaseException):
                 continue
-            for key, total in counts.items():
-                kind, status_class = key.split()
-                self.metrics.request(kind, int(status_class) * 100, total - link.reported.get(key, 0))
+            for engine, now, before in zip(self.engines, counts, link.reported):
+                for key, total in now.items():
+                    kind, status_class = key.split()
+                    engine.metrics.request(kind, int(status_class) * 100, total - before.get(key, 0))
             link.reported = counts
+
+    def _names(self) -> dict:
+        """Each engine's model names as learned here: the workers route by them."""
+        return {"op": "models", "names": [list(engine.models.names) for engine in self.engines]}
+
+    def _tell_names(self) -> None:
+        for link in self.links.values():
+            link.send(self._names())
 
     def stop_accepting(self) -> None:
         """SIGTERM: each worker stops accepting and lets its in-flight work finish."""
@@ -216,8 +238,10 @@ class Workers:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.supervisor.admission.elsewhere = None
-        self.shared.close_segment()
+        self.host.names_watchers.remove(self._tell_names)
+        for engine, shared in zip(self.engines, self.shared):
+            engine.supervisor.admission.elsewhere = None
+            shared.close_segment()
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
