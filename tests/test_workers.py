@@ -1,4 +1,4 @@
-"""Several worker processes in front of one engine (AUTOSLEEPD_WORKERS), whatever
+"""Several worker processes in front of an engine (or two) (AUTOSLEEPD_WORKERS), whatever
 AUTOSLEEPD_TEST_WORKERS says: the data path spread, the engine's state kept by the owner.
 
 ``only_workers`` closes the owner's own listener, so every new connection is accepted by a worker
