@@ -92,15 +92,22 @@ class Worker:
         return 0
 
     async def _follow_owner(self, reader: asyncio.StreamReader) -> None:
-        async for line in reader:
-            message = json.loads(line)
-            if message["op"] == "report":
-                self.gate.send({"op": "report", "id": message["id"], "counts": self.counts.counts})
-            else:
-                self.gate.answer(message)
-        self._log.warning("owner_gone", hint="the owner process exited: this worker stops")
-        self.gate.owner_gone()
-        self._stop.set()
+        """The owner's answers, until its link ends; then (or if following it fails) this worker
+        stops: a worker without its owner must never serve on, nor outlive it."""
+        try:
+            async for line in reader:
+                message = json.loads(line)
+                if message["op"] == "report":
+                    self.gate.send({"op": "report", "id": message["id"], "counts": self.counts.counts})
+                else:
+                    self.gate.answer(message)
+            self._log.warning("owner_gone", hint="the owner process exited: this worker stops")
+        except Exception:
+            self._log.exception("owner_link_failed", hint="this worker stops; the owner restarts it")
+            raise
+        finally:
+            self.gate.owner_gone()
+            self._stop.set()
 
     async def to_owner(self, request: web.Request) -> web.Response:
         headers = {name: value for name, value in request.headers.items()
