@@ -101,6 +101,8 @@ class Worker:
         return 0
 
     async def _follow_owner(self, reader: asyncio.StreamReader) -> None:
+        """The owner's answers, until its link ends; then (or if following it fails) this worker
+        stops: a worker without its owner must never serve on, nor outlive it."""
         try:
             async for line in reader:
                 message = json.loads(line)
@@ -112,12 +114,14 @@ class Worker:
                         engine.models.names = tuple(names)
                 else:
                     self.gates[message["engine"]].answer(message)
-        except ConnectionError:   # a message written to a dead owner breaks the link this way
-            pass
-        self._log.warning("owner_gone", hint="the owner process exited: this worker stops")
-        for gate in self.gates:
-            gate.owner_gone()
-        self._stop.set()
+            self._log.warning("owner_gone", hint="the owner process exited: this worker stops")
+        except Exception:
+            self._log.exception("owner_link_failed", hint="this worker stops; the owner restarts it")
+            raise
+        finally:
+            for gate in self.gates:
+                gate.owner_gone()
+            self._stop.set()
 
 
 def _read(sock: socket.socket, size: int) -> bytes:
