@@ -12,14 +12,25 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed   ## the simulator with autosleepd in front: a sleep and a wake in seconds
 	$(VENV)/bin/autosleepd demo
 
-test: $(VENV)/.installed test-tools   ## the whole test suite
+# Twice: with one process, and with two worker processes (AUTOSLEEPD_WORKERS=2) for every
+# autosleepd the tests start (tests marked single_process, and hosts of several engines, keep one).
+test: $(VENV)/.installed test-tools   ## the whole test suite, with 1 and with 2 workers
 	$(VENV)/bin/python -m pytest
+	AUTOSLEEPD_TEST_WORKERS=2 $(VENV)/bin/python -m pytest
 
 # Two tests need Debian packages: the live page's browser test (chromium) and the alert rules'
 # unit tests (promtool, in prometheus). Installed here when run as root where apt is (CI, a fresh
 # Debian box); elsewhere those tests skip and say why. A failed install only warns.
 test-tools:
-	@for need in chromium:chromium promtool:prometheus; do 	  tool=$${need%%:*}; package=$${need#*:}; 	  command -v $$tool >/dev/null 2>&1 || { 	    [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$package >/dev/null 2>&1 || { 	        apt-get update -qq >/dev/null 2>&1 && 	        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$package >/dev/null 2>&1; }; }; } || 	  echo "$$tool is not installed (apt-get install $$package): the tests that need it will be skipped"; 	done
+	@for need in chromium:chromium promtool:prometheus; do \
+	  tool=$${need%%:*}; package=$${need#*:}; \
+	  command -v $$tool >/dev/null 2>&1 || { \
+	    [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$package >/dev/null 2>&1 || { \
+	        apt-get update -qq >/dev/null 2>&1 && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$package >/dev/null 2>&1; }; }; } || \
+	  echo "$$tool is not installed (apt-get install $$package): the tests that need it will be skipped"; \
+	done
 
 # About 10 minutes (the data-path rounds, 10 s per load cell, a 60 s idle measurement); `bench.py --quick` is shorter.
 # `exec`: make's SIGTERM reaches bench.py itself, which stops everything it started.

@@ -85,6 +85,7 @@ class Config:
     engine_wake_timeout: float = 600.0   # one whole wake sequence, engine-side
     upstream_api_key: str | None = field(default=None, repr=False)   # vLLM's --api-key
     event_loop: str = "auto"             # "auto" (uvloop when installed), "uvloop" or "asyncio"
+    workers: int = 1                     # processes serving the data path (the owner is one)
     # The memory guard
     engine_pid: int | None = None        # the vLLM server's PID; else found from the upstream port
     gpus: frozenset[str] = frozenset()   # the engine's GPUs (indices or UUIDs); else learned
@@ -157,6 +158,7 @@ class Config:
                                          _positive_duration),
             upstream_api_key=_api_key(read),
             event_loop=read.get("EVENT_LOOP", cls.event_loop, _event_loop),
+            workers=read.get("WORKERS", cls.workers, _workers),
             engine_pid=read.get("ENGINE_PID", None, _int_at_least(1)),
             gpus=read.get("GPUS", cls.gpus, _gpu_list),
             wake_memory=read.get("WAKE_MEMORY", cls.wake_memory, _size),
@@ -213,6 +215,10 @@ class Config:
         _check_stop_rung(config, env)
         if config.prewake == "learned" and not config.autosleep:
             raise ConfigError(PREFIX + "PREWAKE", "learned", "autosleep on (an idle timeout above 0)")
+        if config.prewake == "learned" and config.workers > 1:
+            # Workers admit without the owner: the learner would miss arrivals it learns from.
+            raise ConfigError(PREFIX + "WORKERS", env[PREFIX + "WORKERS"],
+                              "1 while AUTOSLEEPD_PREWAKE=learned (the learner must see every arrival)")
         return config
 
     @property
@@ -314,6 +320,16 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise _Invalid(f"a whole number of at least {low}")
         return value
     return parse
+
+
+MAX_WORKERS = 64   # a typo (1000) must not start a thousand processes
+
+
+def _workers(raw: str) -> int:
+    value = _ascii_int(raw)
+    if value is None or not 1 <= value <= MAX_WORKERS:
+        raise _Invalid(f"a number of processes from 1 to {MAX_WORKERS}")
+    return value
 
 
 def _port(raw: str) -> int:

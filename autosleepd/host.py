@@ -200,8 +200,14 @@ class Host:
     def __init__(self, engines: list[HostedEngine]):
         self.engines = engines
         self.by_name = {engine.name: engine for engine in engines}
+        self.names_watchers: list = []   # told when an engine's model names change (workers)
         for engine in engines:
-            engine.models.on_change = self._check_names
+            engine.models.on_change = self._names_changed
+
+    def _names_changed(self) -> None:
+        self._check_names()
+        for watcher in self.names_watchers:
+            watcher()
 
     def _check_names(self) -> None:
         """A model two engines serve goes to the first listed: say so, once per change."""

@@ -23,8 +23,15 @@ class _Survivable:
 
     def __init__(self, stream: TextIO):
         self._stream = stream
+        self._line = ""
 
     def write(self, text: str) -> None:
+        # A whole line in one write: worker processes share the stream, and lines written in
+        # one piece (up to the pipe's 4 KiB) never interleave (print() sends the newline apart).
+        self._line += text
+        if not self._line.endswith("\n"):
+            return
+        text, self._line = self._line, ""
         try:
             self._stream.write(text)
             self._stream.flush()

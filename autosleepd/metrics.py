@@ -76,6 +76,9 @@ class Metrics(Observer):
         self.start_seconds = Histogram("autosleepd_engine_start_duration_seconds",
                                        "A cold start: the start command, /health, the check.",
                                        buckets=TRANSITION_BUCKETS, registry=r)
+        self.worker_exits = Counter("autosleepd_worker_exits_total", "Worker processes "
+                                    "(AUTOSLEEPD_WORKERS) that exited unasked; each is restarted.",
+                                    registry=r)
         for reason in (*Refused.REASONS, "blocked_path"):
             self.refused.labels(reason)
         self._read_status: Callable[[], Status] | None = None
@@ -133,14 +136,15 @@ class Metrics(Observer):
 
     # ----- the proxy's observer --------------------------------------------------------------
 
-    def request(self, kind: str, status: int) -> None:
+    def request(self, kind: str, status: int, count: int = 1) -> None:
+        """``count``: how many, where worker processes report them in bulk."""
         key = (kind, status // 100)
         counter = self._proxied_children.get(key)
         if counter is None:   # labels() costs a lock and a lookup: once per (kind, class)
             counter = self._proxied_children[key] = self.proxied.labels(kind, f"{status // 100}xx")
-        counter.inc()
+        counter.inc(count)
         if kind == "blocked":
-            self.refused.labels("blocked_path").inc()
+            self.refused.labels("blocked_path").inc(count)
 
     async def handle(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),

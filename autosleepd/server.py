@@ -30,6 +30,7 @@ from .proxy.relay import Relay
 from .proxy.route import model_of
 from .proxy.upstream import Upstream
 from .ui import add_page_routes
+from .workers.owner import Workers
 
 
 RECEIVE_BUFFER = 16 * 1024
@@ -57,6 +58,7 @@ class Autosleepd:
         self._log = structlog.get_logger("autosleepd")
         self.port: int | None = None
         self._private_dir: str | None = None
+        self.workers: Workers | None = None   # AUTOSLEEPD_WORKERS above 1
 
     async def start(self) -> None:
         config = self.config
@@ -124,6 +126,9 @@ class Autosleepd:
         for sock in self._listener.sockets:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.port = self._listener.sockets[0].getsockname()[1]
+        if config.workers > 1:
+            self.workers = Workers(config, self.host, self._listener.sockets)
+            await self.workers.start(own_socket)
         self._tasks = [asyncio.create_task(self.notifier.keep_watchdog_fed())]
         for engine in engines:
             await engine.serve(self.url)
@@ -146,13 +151,18 @@ class Autosleepd:
                        queued=sum(e.supervisor.admission.queued for e in engines))
         self.notifier.stopping()
         self._listener.close()                  # no new connections
+        if self.workers is not None:
+            self.workers.stop_accepting()       # each worker drains its own in-flight work
         for engine in engines:
             engine.supervisor.close()           # held requests get 503, new ones too
-        drained = await asyncio.gather(*(e.supervisor.wait_drained(self.config.shutdown_timeout)
-                                         for e in engines))
-        if not all(drained):
+        waits = [e.supervisor.wait_drained(self.config.shutdown_timeout) for e in engines]
+        if self.workers is not None:
+            waits.append(self.workers.wait_stopped(self.config.shutdown_timeout))
+        if not all(await asyncio.gather(*waits)):
             self._log.warning("shutdown_timeout",
                               in_flight=sum(e.supervisor.admission.in_flight for e in engines))
+        if self.workers is not None:
+            await self.workers.close()
         self._control.cancel()
         for task in self._tasks:
             task.cancel()
@@ -184,6 +194,8 @@ class Autosleepd:
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         """One engine's series; on a host of several, ?engine=NAME says which."""
         name = request.query.get("engine")
+        if self.workers is not None:
+            await self.workers.collect()
         if name is None and self.host.single:
             return await self.metrics.handle(request)
         engine = self.host.by_name.get(name or "")
@@ -200,6 +212,8 @@ class Autosleepd:
         status = engine.supervisor.status().to_json()
         if engine.coordinator is not None:
             status["coordination"] = engine.coordinator.status()
+        if self.workers is not None:
+            status["workers"] = {"processes": self.config.workers, "exits": self.workers.exits}
         return status
 
     def _instance_name(self) -> str:
@@ -217,6 +231,8 @@ class Autosleepd:
         def on_signal(signum: int) -> None:
             if stop.is_set():
                 self._log.warning("forced_exit", signal=signal.Signals(signum).name)
+                if self.workers is not None:
+                    self.workers.kill()
                 os._exit(1)
             self._log.info("signal", signal=signal.Signals(signum).name)
             stop.set()

@@ -7,11 +7,12 @@ bench/results/held_bodies.json: autosleepd's RSS before, while all are held, its
 and after they are served. The Kubernetes memory limit in deploy/kubernetes/ follows from the
 peak. Targets: peak under 160 MiB, after under 100 MiB.
 
-    make bench            (or: .venv/bin/python bench/held_bodies.py)
+    make bench            (or: .venv/bin/python bench/held_bodies.py [--workers N])
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import resource
@@ -53,11 +54,14 @@ def body(i: int) -> tuple[int, object]:
     return len(head) + BODY_BYTES + len(tail), chunks()
 
 
-async def measure(services: Services) -> dict:
+async def measure(services: Services, workers: int) -> dict:
     sim = start_sim(services, "--wake", "8s")
-    proxy, pid = start_autosleepd(services, sim, "auto")
-    process = psutil.Process(pid)
+    proxy, pid = start_autosleepd(services, sim, "auto", workers=workers)
+    processes = [psutil.Process(pid), *psutil.Process(pid).children()]
     mib = lambda n: round(n / 2**20, 1)   # noqa: E731
+
+    def rss() -> list[float]:   # per process, the owner first
+        return [mib(process.memory_info().rss) for process in processes]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         async def status() -> dict:
             async with http.get(proxy + "/autosleepd/status") as response:
@@ -76,39 +80,50 @@ async def measure(services: Services) -> dict:
             await asyncio.sleep(0.05)
         async with http.post(proxy + "/autosleepd/sleep") as response:
             assert response.status == 200
-        before = process.memory_info().rss
+        before = rss()
         started = time.monotonic()
         requests = asyncio.gather(*(one(i) for i in range(REQUESTS)))
         while (await status())["queued"] < REQUESTS:
             await asyncio.sleep(0.05)
-        held = process.memory_info().rss
+        held = rss()
         correct = sum(await requests)
         served_in = time.monotonic() - started
         await asyncio.sleep(3)   # what stays once the answers have gone out (and a heap trim)
-        after = process.memory_info().rss
+        after = rss()
         wakes = (await status())["wakes"]
+        peaks = [mib(peak_rss(process.pid)) for process in processes]
     return {"requests": REQUESTS, "body_mib": mib(BODY_BYTES), "answered_correctly": correct,
-            "wakes": wakes, "rss_before_mib": mib(before), "rss_all_held_mib": mib(held),
-            "rss_peak_mib": mib(peak_rss(pid)), "rss_after_served_mib": mib(after),
-            "seconds_to_serve_all": round(served_in, 2)}
+            "wakes": wakes, "processes": workers, "rss_before_mib": round(sum(before), 1),
+            "rss_all_held_mib": round(sum(held), 1), "rss_peak_mib": round(sum(peaks), 1),
+            "rss_after_served_mib": round(sum(after), 1), "seconds_to_serve_all": round(served_in, 2),
+            # the targets hold per process (each has its own memory limit in a container)
+            "largest_peak_mib": max(peaks), "largest_after_served_mib": max(after),
+            **({"per_process_mib": {"before": before, "all_held": held, "after_served": after,
+                                    "peak": peaks}} if workers > 1 else {})}
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=1,
+                        help="AUTOSLEEPD_WORKERS; above 1 the figures are summed over the processes "
+                             "and written to held_bodies-workers.json")
+    args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     with tempfile.TemporaryDirectory() as workdir:
         services = Services(Path(workdir))
         try:
-            result = asyncio.run(measure(services))
+            result = asyncio.run(measure(services, args.workers))
         finally:
             services.stop()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "held_bodies.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "held_bodies.json" if args.workers == 1 else "held_bodies-workers.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"held bodies: {result}")
     ok = (result["answered_correctly"] == REQUESTS and result["wakes"] == 1
-          and result["rss_peak_mib"] < 160 and result["rss_after_served_mib"] < 100)
+          and result["largest_peak_mib"] < 160 and result["largest_after_served_mib"] < 100)
     print("held bodies: " + ("within target" if ok else "MISSED the target "
-                             "(all correct, one wake, peak < 160 MiB, after < 100 MiB)"))
+                             "(all correct, one wake, peak < 160 MiB, after < 100 MiB, per process)"))
     return 0
 
 

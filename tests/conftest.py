@@ -23,6 +23,11 @@ from autosleepd.control.supervisor import Supervisor
 
 log.configure("warning", "json")
 
+# AUTOSLEEPD_TEST_WORKERS=N runs every autosleepd the tests start with N worker processes (the
+# Makefile's test target runs the suite with 1 and with 2). Tests that read one process's
+# internals are marked ``single_process`` and keep one.
+TEST_WORKERS = int(os.environ.get("AUTOSLEEPD_TEST_WORKERS", "1"))
+
 
 class FakeEngine:
     """An engine at the edge of the supervisor: records calls, fails or blocks on request."""
@@ -152,14 +157,23 @@ async def make_sim():
         await sim.close()
 
 
+def workers_for(request, manual_clock: bool = False) -> int:
+    """One process for tests marked so, and under a ManualClock (a worker's times are the real
+    monotonic clock's)."""
+    if request.node.get_closest_marker("single_process") or manual_clock:
+        return 1
+    return TEST_WORKERS
+
+
 @pytest.fixture
-async def make_proxy():
+async def make_proxy(request):
     servers: list[Autosleepd] = []
 
     async def make(upstream: str, wait_ready: bool = True, gpu=None, processes=None,
                    restart=None, clock=None, **overrides) -> Autosleepd:
         defaults = dict(upstream=upstream, host="127.0.0.1", port=0, idle_timeout=0,
-                        wake_timeout=10.0, probe_interval=30.0)
+                        wake_timeout=10.0, probe_interval=30.0,
+                        workers=workers_for(request, clock is not None))
         server = Autosleepd(dataclasses.replace(Config(), **{**defaults, **overrides}),
                             gpu=gpu or NoGpu(), processes=processes, restart=restart, clock=clock)
         await server.start()
@@ -171,6 +185,8 @@ async def make_proxy():
 
     yield make
     for server in servers:
+        if server.supervisor.closing:   # the test shut it down itself
+            continue
         if server._control.done():   # the control loop must never die
             raise AssertionError(f"the control loop ended: {server._control!r}")
         await server.shutdown()
@@ -206,13 +222,14 @@ class Daemon:
 
 
 @pytest.fixture
-async def start_daemon():
+async def start_daemon(request):
     started: list[Daemon] = []
 
     async def start(upstream: str, **env) -> Daemon:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSLEEPD_")}
         environ.update({"AUTOSLEEPD_UPSTREAM": upstream, "AUTOSLEEPD_HOST": "127.0.0.1",
-                        "AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_LOG_FORMAT": "json", **env})
+                        "AUTOSLEEPD_PORT": "0", "AUTOSLEEPD_LOG_FORMAT": "json",
+                        "AUTOSLEEPD_WORKERS": str(workers_for(request)), **env})
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "autosleepd", env=environ, stderr=asyncio.subprocess.PIPE)
         early = []

@@ -57,6 +57,7 @@ def test_everything_can_be_set():
     ("AUTOSLEEPD_SLEEP_LEVEL", "3"), ("AUTOSLEEPD_SLEEP_LEVEL", "one"),
     ("AUTOSLEEPD_PORT", "80800"), ("AUTOSLEEPD_PORT", "http"),
     ("AUTOSLEEPD_MAX_QUEUE", "-5"), ("AUTOSLEEPD_MAX_QUEUE", "1e3"),
+    ("AUTOSLEEPD_WORKERS", "0"), ("AUTOSLEEPD_WORKERS", "two"), ("AUTOSLEEPD_WORKERS", "1000"),
     ("AUTOSLEEPD_UPSTREAM", "localhost:8000"), ("AUTOSLEEPD_UPSTREAM", "ftp://x"),
     ("AUTOSLEEPD_UPSTREAM", "http://host:port"), ("AUTOSLEEPD_LOG_LEVEL", "loud"),
     ("AUTOSLEEPD_LOG_FORMAT", "xml"), ("AUTOSLEEPD_LOG_REQUESTS", "maybe"),
@@ -216,3 +217,11 @@ def test_unknown_variables_are_found_with_their_closest_name():
            "AUTOSLEEPD_PORT": "1", "AUTOSLEEPD_URL": "http://x", "PATH": "/bin"}
     assert unknown_variables(env) == [("AUTOSLEEPD_IDLE_TIMOUT", "AUTOSLEEPD_IDLE_TIMEOUT"),
                                       ("AUTOSLEEPD_NOTHING_LIKE_IT", None)]
+
+
+def test_workers_are_refused_beside_the_learned_prewake_which_must_see_every_arrival():
+    assert Config.from_env({"AUTOSLEEPD_WORKERS": "4"}).workers == 4
+    with pytest.raises(ConfigError, match="AUTOSLEEPD_WORKERS='2' is invalid: expected 1 while "
+                                          "AUTOSLEEPD_PREWAKE=learned"):
+        Config.from_env({"AUTOSLEEPD_WORKERS": "2", "AUTOSLEEPD_PREWAKE": "learned"})
+

@@ -182,6 +182,7 @@ async def test_forwarding_headers_append_the_client_and_trust_only_the_configure
         assert seen["X-Forwarded-Host"] == f"127.0.0.1:{server.port}"
 
 
+@pytest.mark.single_process   # it captures this process's logs
 async def test_a_malformed_engine_answer_gives_502_without_the_client_s_headers(make_proxy, http):
     async def broken(reader, writer):   # answers its state, and garbage to anything else
         if b"/is_sleeping" in await reader.readuntil(b"\r\n\r\n"):
@@ -207,6 +208,7 @@ async def test_a_malformed_engine_answer_gives_502_without_the_client_s_headers(
         engine.close()
 
 
+@pytest.mark.single_process   # the cap is per process, and it captures this process's logs
 async def test_past_the_connection_cap_new_clients_get_503_and_it_is_logged_once(make_sim, make_proxy, http):
     sim = await make_sim()
     server = await make_proxy(sim.url, max_connections=3)
@@ -250,6 +252,8 @@ async def test_a_client_that_stops_halfway_through_its_body_does_not_keep_the_en
     await eventually(lambda: server.supervisor.state is State.ASLEEP, what="the idle sleep")
     writer.close()
 
+
+@pytest.mark.single_process   # it exhausts the descriptors of the process it reads
 async def test_out_of_descriptors_gives_503_and_leaves_the_engine_state_alone(make_sim, make_proxy, http):
     sim = await make_sim()
     server = await make_proxy(sim.url)

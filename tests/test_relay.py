@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from autosleepd.sim import expected_text
 
 from .conftest import completion, eventually
@@ -87,6 +89,7 @@ async def test_pipelined_requests_are_answered_in_order(make_sim, make_proxy):
     assert answer.count(b"HTTP/1.1 200") == 4
 
 
+@pytest.mark.single_process   # it ages this process's engine connections
 async def test_engine_connections_are_kept_alive_and_dropped_once_too_old(make_proxy, http):
     engine = Engine()
     server = await make_proxy(await engine.start(), wait_ready=False)

@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger("autosleepd").warning(
             "unknown_variable", name=name, did_you_mean=closest,
             hint="autosleepd reads no such variable; it has no effect")
-    with asyncio.Runner(loop_factory=_loop_factory(config.event_loop)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
         if command == "demo":
             return runner.run(demo(config, tour=not args.no_tour))
         return runner.run(_serve(config))
 
 
-def _loop_factory(choice: str):
+def loop_factory(choice: str):
     """uvloop when asked for, or when installed and not declined (see bench/ for what it buys)."""
     if choice == "asyncio":
         return None

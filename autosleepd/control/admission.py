@@ -3,6 +3,13 @@
 A held request waits on a future, in arrival order, until the supervisor lets everything through
 (``release_all``), refuses everything (``refuse_all``), or its own deadline passes. A client that
 goes away leaves the queue and leaves no trace in any counter.
+
+With worker processes (``workers/``), work they forward themselves is counted in their shared
+segment (``elsewhere``): ``in_flight`` and ``last_work_end`` include it. Its end is not signalled
+(a message per request would cost what the workers save), so while workers have work in flight
+the control loop looks again every ELSEWHERE_POLL (``look_again``): a drain or an idle window
+that ends in a worker is seen within that. With none in flight, nothing there can end, and the
+idle timer reads the segment when it is due.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ from typing import Callable
 from ..clock import Clock
 from .states import State
 from .status import Status
+
+
+ELSEWHERE_POLL = 0.02   # seconds
 
 
 class HoldExpired(Exception):
@@ -35,8 +45,9 @@ class Admission:
         self._on_abandoned = on_abandoned    # a held client went away
         self._held: dict[asyncio.Future, _Hold] = {}   # dicts keep arrival order
         self.queued = 0                      # holds that are work (the rest are manual wakes)
-        self.in_flight = 0                   # admitted work not yet finished
-        self.last_work_end = clock.now()
+        self.own_in_flight = 0               # admitted here, not yet finished
+        self._last_work_end = clock.now()
+        self.elsewhere = None                # the workers' shared segment: .in_flight(), .last_activity()
         self.drained = asyncio.Event()
         self.drained.set()
 
@@ -49,14 +60,38 @@ class Admission:
     def idle(self) -> bool:
         return not self.in_flight and not self._held
 
+    @property
+    def in_flight(self) -> int:
+        """Admitted work not yet finished, here and in worker processes."""
+        if self.elsewhere is None:
+            return self.own_in_flight
+        return self.own_in_flight + self.elsewhere.in_flight()
+
+    def look_again(self, deadline: float | None) -> float | None:
+        """When the control loop, waiting until ``deadline``, must look at the workers again."""
+        if self.elsewhere is None or not self.elsewhere.in_flight():
+            return deadline
+        soon = self._clock.now() + ELSEWHERE_POLL
+        return soon if deadline is None else min(deadline, soon)
+
+    @property
+    def last_work_end(self) -> float:
+        if self.elsewhere is None:
+            return self._last_work_end
+        return max(self._last_work_end, self.elsewhere.last_activity())
+
+    @last_work_end.setter
+    def last_work_end(self, when: float) -> None:
+        self._last_work_end = when
+
     def enter(self) -> None:
-        self.in_flight += 1
+        self.own_in_flight += 1
         self.drained.clear()
 
     def leave(self) -> None:
-        self.in_flight -= 1
-        self.last_work_end = self._clock.now()
-        if self.in_flight == 0:
+        self.own_in_flight -= 1
+        self._last_work_end = self._clock.now()
+        if self.own_in_flight == 0:
             self.drained.set()
             self._on_drained()
 

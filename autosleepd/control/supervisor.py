@@ -141,6 +141,7 @@ class Supervisor:
         """The proxy could not connect: hold work and probe. Only the probe moves the state."""
         self._log.debug("connect_failed", error=detail)
         self.prober.ask(hold_work=True)
+        self.share_admission()
         self._changed.set()
 
     def stalled(self) -> None:
@@ -275,6 +276,7 @@ class Supervisor:
         """Decide, act, repeat: every probe, sleep, wake and restart happens here."""
         structlog.contextvars.bind_contextvars(**self._named)   # this task and what it starts
         while not self.closing:
+            self.share_admission()   # a probe may have reopened the gate
             act, deadline = self._decide()
             if act is None:
                 self._looks_by = math.inf if deadline is None else deadline
@@ -288,6 +290,7 @@ class Supervisor:
     def close(self) -> None:
         """Stop admitting; answer every held request. In-flight work is left to finish."""
         self.closing = True
+        self.share_admission()
         self.admission.refuse_all(self._refuse("shutting_down", "autosleepd is shutting down"))
         self._settle_order(OrderFailed("autosleepd is shutting down"))
         self._changed.set()
@@ -526,6 +529,7 @@ class Supervisor:
         self._log.info("transition", from_state=old.value, to_state=new.value, reason=event.reason,
                        duration_s=round(seconds, 4),
                        **{k: v for k, v in details.items() if v is not None})
+        self.share_admission()
         for effect in ON_ENTER.get(new, ()):
             getattr(self, effect)()
         self.tell("transition", old, new, event.reason, seconds)
@@ -561,6 +565,18 @@ class Supervisor:
 
     # ----- small mechanics ----------------------------------------------------------------------
 
+    def share_admission(self) -> None:
+        """Worker processes admit on their own while the shared flag is open: it follows
+        ``admit``'s fast path. Closing returns only once no worker can admit on the old flag."""
+        shared = self.admission.elsewhere
+        if shared is not None:
+            shared.set_open(self.state is State.AWAKE and not self.prober.gate_closed
+                            and not self.closing)
+
+    def notice(self) -> None:
+        """Something the loop reads changed outside this process (workers' activity)."""
+        self._changed.set()
+
     def tell(self, what: str, *args) -> None:
         for observer in self._observers:
             getattr(observer, what)(*args)
@@ -572,6 +588,7 @@ class Supervisor:
         loses nothing.
         """
         self._changed.clear()
+        deadline = self.admission.look_again(deadline)
         timer = self.clock.call_at(deadline, self._changed.set) if deadline is not None else None
         try:
             await self._changed.wait()
