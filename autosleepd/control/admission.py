@@ -8,8 +8,10 @@ With worker processes (``workers/``), work they forward themselves is counted in
 segment (``elsewhere``): ``in_flight`` and ``last_work_end`` include it. Its end is not signalled
 (a message per request would cost what the workers save), so while workers have work in flight
 the control loop looks again every ELSEWHERE_POLL (``look_again``): a drain or an idle window
-that ends in a worker is seen within that. With none in flight, nothing there can end, and the
-idle timer reads the segment when it is due.
+that ends in a worker is seen within that. With none in flight it still looks every
+ELSEWHERE_IDLE_POLL: the plan it waits on was made from an earlier reading, and work that ended
+in a worker between that reading and this one would otherwise leave it waiting for ever (no
+plan, nothing to wake it), an engine kept awake.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .states import State
 from .status import Status
 
 
-ELSEWHERE_POLL = 0.02   # seconds
+ELSEWHERE_POLL = 0.02       # seconds, while workers have work in flight
+ELSEWHERE_IDLE_POLL = 1.0   # seconds, while they have none
 
 
 class HoldExpired(Exception):
@@ -69,9 +72,9 @@ class Admission:
 
     def look_again(self, deadline: float | None) -> float | None:
         """When the control loop, waiting until ``deadline``, must look at the workers again."""
-        if self.elsewhere is None or not self.elsewhere.in_flight():
+        if self.elsewhere is None:
             return deadline
-        soon = self._clock.now() + ELSEWHERE_POLL
+        soon = self._clock.now() + (ELSEWHERE_POLL if self.elsewhere.in_flight() else ELSEWHERE_IDLE_POLL)
         return soon if deadline is None else min(deadline, soon)
 
     @property
