@@ -90,6 +90,9 @@ def test_a_ladder_and_an_idle_timeout_cannot_both_be_set():
     config = Config.from_env({"AUTOSLEEPD_LADDER": "5m:1,2h:2"})
     assert (config.idle_timeout, config.sleep_level) == (300, 1)
     assert Ladder.parse("5m:1,2h:2", parse_duration).deeper(1) == (7200, 2)
+    for typo in ("2s:1,,4s:2", "5m:1,", ",5m:1"):   # a rung lost to a typo is not guessed at
+        with pytest.raises(ConfigError, match="AUTOSLEEPD_LADDER.*empty rung"):
+            Config.from_env({"AUTOSLEEPD_LADDER": typo})
 
 
 # ----- the learner ----------------------------------------------------------------------------

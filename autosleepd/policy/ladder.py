@@ -19,7 +19,10 @@ class Ladder:
     @classmethod
     def parse(cls, text: str, parse_duration) -> "Ladder":
         rungs, stop_after = [], None
-        for part in (p.strip() for p in text.split(",") if p.strip()):
+        parts = [p.strip() for p in text.split(",")]
+        if any(not part for part in parts):
+            raise ValueError("an empty rung (two commas, or one at an end): rungs are like '5m:1'")
+        for part in parts:
             idle, _, level = part.partition(":")
             if stop_after is not None:
                 raise ValueError("'stop' can only be the last rung")
