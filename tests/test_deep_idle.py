@@ -230,7 +230,7 @@ async def test_a_stop_command_that_fails_leaves_the_engine_asleep_and_is_retried
     assert s.state is State.ASLEEP and s.asleep_level == 1 and r.launcher.engine.listening
     assert "exited with status 1" in s.status().to_json()["last_error"]
     r.clock.advance(299)
-    await asyncio.sleep(0.05)
+    await eventually(r.settled, what="the supervisor done with what was due")
     assert s.stats.stop_failures == 1                        # no hammering
     r.clock.advance(1)
     await eventually(lambda: s.stats.stop_failures == 2, what="the stop tried again after 5 minutes")
