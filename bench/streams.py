@@ -31,8 +31,10 @@ def request_bytes(host: str, path: str, max_tokens: int, model: str = "sim-model
 
 
 class Totals:
-    def __init__(self, until: float):
+    def __init__(self, until: float, window: tuple[float, float] | None = None):
         self.until = until
+        self.window = window     # a span of wall-clock time (time.time()) whose tokens are counted
+        self.window_tokens = 0
         self.streams = 0
         self.events = 0
         self.reads = 0
@@ -75,6 +77,8 @@ class StreamClient(asyncio.Protocol):
             totals.events += events
             totals.reads += 1
             totals.reads_with_several += events > 1
+            if totals.window and totals.window[0] <= time.time() < totals.window[1]:
+                totals.window_tokens += events - data.count(b"data: [DONE]")
         self.parser.feed_data(data)
 
     def on_message_complete(self) -> None:
@@ -118,6 +122,41 @@ async def run(url: str, connections: int, seconds: float, max_tokens: int,
             "ttft_p50_ms": round(1000 * ttft[len(ttft) // 2], 3) if ttft else None,
             "ttft_p90_ms": round(1000 * ttft[int(len(ttft) * 0.9)], 3) if ttft else None,
             **({"ttft_s": ttft} if ttft_samples else {})}
+
+
+async def run_steady(url: str, connections: int, start_at: float, stagger: float,
+                     window: tuple[float, float], max_tokens: int, path: str = "/v1/completions",
+                     model: str = "sim-model", extra: dict | None = None) -> dict:
+    """Streams kept running through a window of wall-clock time, for a steady token rate.
+
+    Connections open from ``start_at`` on, spread over ``stagger`` seconds so that streams of one
+    length do not start and end in waves; the tokens that arrive within ``window`` are counted;
+    at its end every connection is closed, mid-stream or not (the engine aborts those), so no
+    tail of lone streams finishing weighs on the figure. Times are ``time.time()``, so several
+    load processes share one window.
+    """
+    loop = asyncio.get_running_loop()
+    parts = urlsplit(url)
+    request = request_bytes(parts.netloc, path, max_tokens, model, extra)
+    until = time.monotonic() + (window[1] - time.time())
+    totals = Totals(until, window)
+    clients: list[StreamClient] = []
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    for i in range(connections):
+        await asyncio.sleep(max(0.0, start_at + stagger * i / connections - time.time()))
+        done = loop.create_future()
+        _, client = await loop.create_connection(lambda: StreamClient(request, totals, done),
+                                                 parts.hostname, parts.port)
+        clients.append(client)
+    await asyncio.sleep(max(0.0, window[1] - time.time()))
+    for client in clients:
+        client.busy = False      # ended by the load itself: not a cut stream
+        client.transport.close()
+    ttft = sorted(totals.ttft)
+    return {"connections": connections, "window_s": round(window[1] - window[0], 3),
+            "window_tokens": totals.window_tokens, "streams": totals.streams,
+            "reads": totals.reads, "reads_with_several_events": totals.reads_with_several,
+            "bad_status": totals.bad_status, "cut_streams": totals.cut, "ttft_s": ttft}
 
 
 def main() -> int:
