@@ -370,7 +370,8 @@ def data_path(services: Services, rounds: int, seconds: int, baseline: Path | No
             targets.setdefault(name, {})[key] = url
             targets[name][key + "_pid"] = pid
     samples: dict = {name: {"p50_c1_us": [], "cpu_per_request_us": [], "rps_c16": [],
-                            "cpu_per_event_us": [], "coalesced_share": [], "events_per_s": [],
+                            "cpu_per_event_us": [], "coalesced_share": [],
+                            "token_coalesced_share": [], "events_per_s": [],
                             "ttft_p50_ms": []} for name in targets}
     for round_ in range(rounds):
         for name, target in targets.items():
@@ -389,6 +390,7 @@ def data_path(services: Services, rounds: int, seconds: int, baseline: Path | No
             if pid:
                 samples[name]["cpu_per_event_us"].append(1e6 * (cpu_seconds(pid) - before) / load["events"])
             samples[name]["coalesced_share"].append(load["coalesced_share"])
+            samples[name]["token_coalesced_share"].append(load["token_coalesced_share"])
             samples[name]["events_per_s"].append(load["events_per_s"])
             first = stream_load(target["ttft"], seconds, max_tokens=10)
             samples[name]["ttft_p50_ms"].append(first["ttft_p50_ms"])
@@ -411,9 +413,13 @@ def goals(medians: dict) -> list[dict]:
     ours, nginx = medians["autosleepd"], medians.get("nginx", {})
     rows = [{"goal": key, "limit": limit, "autosleepd": ours[key], "nginx": nginx.get(key),
              "met": ours[key] is not None and ours[key] <= limit} for key, limit in GOALS.items()]
-    share = nginx.get("coalesced_share")
-    rows.append({"goal": "coalesced_share", "limit": "<= nginx", "autosleepd": ours["coalesced_share"],
-                 "nginx": share, "met": share is not None and ours["coalesced_share"] <= share})
+    # Coalescing is judged on tokens: the engine writes "data: [DONE]" right after the last token,
+    # and a proxy that reads the two at once (nginx does too, in nearly every stream) has delayed
+    # no token. Reads of several events, [DONE] counted, are reported beside it.
+    share = nginx.get("token_coalesced_share")
+    rows.append({"goal": "token_coalesced_share", "limit": "<= nginx",
+                 "autosleepd": ours["token_coalesced_share"], "nginx": share,
+                 "met": share is not None and ours["token_coalesced_share"] <= share})
     return rows
 
 
@@ -428,6 +434,7 @@ def data_path_report(data: dict) -> str:
                        ("events_per_s", "events/s, 256 streams, a token per 20 ms"),
                        ("cpu_per_event_us", "CPU per streamed event (us)"),
                        ("coalesced_share", "reads carrying several events"),
+                       ("token_coalesced_share", "  several tokens ([DONE] not counted)"),
                        ("ttft_p50_ms", "time to first event p50, 256 streams, a token per 50 ms (ms)"),
                        ("ttft_p50_added_ms", "  added to direct's (ms)")):
         cells = []

@@ -39,6 +39,7 @@ class Totals:
         self.events = 0
         self.reads = 0
         self.reads_with_several = 0
+        self.reads_with_several_tokens = 0   # not counting the [DONE] that follows the last token
         self.bad_status = 0
         self.ttft: list[float] = []
         self.cut = 0          # streams whose connection closed before their end
@@ -77,8 +78,10 @@ class StreamClient(asyncio.Protocol):
             totals.events += events
             totals.reads += 1
             totals.reads_with_several += events > 1
+            tokens = events - data.count(b"data: [DONE]")
+            totals.reads_with_several_tokens += tokens > 1
             if totals.window and totals.window[0] <= time.time() < totals.window[1]:
-                totals.window_tokens += events - data.count(b"data: [DONE]")
+                totals.window_tokens += tokens
         self.parser.feed_data(data)
 
     def on_message_complete(self) -> None:
@@ -118,6 +121,7 @@ async def run(url: str, connections: int, seconds: float, max_tokens: int,
             "events": totals.events, "events_per_s": round(totals.events / elapsed),
             "reads": totals.reads, "reads_with_several_events": totals.reads_with_several,
             "coalesced_share": round(totals.reads_with_several / max(1, totals.reads), 4),
+            "token_coalesced_share": round(totals.reads_with_several_tokens / max(1, totals.reads), 4),
             "bad_status": totals.bad_status, "cut_streams": totals.cut,
             "ttft_p50_ms": round(1000 * ttft[len(ttft) // 2], 3) if ttft else None,
             "ttft_p90_ms": round(1000 * ttft[int(len(ttft) * 0.9)], 3) if ttft else None,
