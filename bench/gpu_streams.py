@@ -307,7 +307,7 @@ def main() -> int:
             if workers < 1 or name in sides:
                 continue
             port = free_port()
-            sidecar = processes.start(name.replace(" ", "-"), [sys.executable, "-m", "autosleepd"], {
+            sidecar = processes.start(f"{engine}-{name}".replace(" ", "-"), [sys.executable, "-m", "autosleepd"], {
                 **env, "AUTOSLEEPD_UPSTREAM": direct, "AUTOSLEEPD_HOST": "127.0.0.1",
                 "AUTOSLEEPD_PORT": str(port), "AUTOSLEEPD_IDLE_TIMEOUT": "30m",
                 "AUTOSLEEPD_LOG_FORMAT": "json", "AUTOSLEEPD_WORKERS": str(workers),
