@@ -1,6 +1,7 @@
 """systemd's notify protocol (sd_notify(3)) over its datagram socket: READY, STATUS, WATCHDOG.
 
-Outside systemd (no NOTIFY_SOCKET) every call does nothing.
+STATUS (what `systemctl status` shows) names each engine's state, the reason of its last move
+beside it. Outside systemd (no NOTIFY_SOCKET) every call does nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import structlog
 from .control.supervisor import Observer, State
 
 
-class SystemdNotifier(Observer):
+class SystemdNotifier:
     def __init__(self, env: Mapping[str, str] | None = None):
         env = os.environ if env is None else env
+        self._engines: dict[str, str] = {}   # each engine's state (and reason), in the host's order
         self._log = structlog.get_logger("autosleepd.notify")
         self._address: str | None = None
         self._socket: socket.socket | None = None
@@ -44,14 +46,25 @@ class SystemdNotifier(Observer):
         except OSError as error:
             self._log.warning("notify_failed", error=str(error))
 
-    def ready(self, state: str) -> None:
-        self.send("READY=1", f"STATUS=engine {state}")
+    def watch(self, name: str, state: State) -> Observer:
+        """An engine to name in STATUS: the observer to give its supervisor."""
+        self._engines[name] = state.value
+        return _EngineStatus(self, name)
+
+    def ready(self) -> None:
+        self.send("READY=1", self._status())
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=shutting down")
 
-    def transition(self, old: State, new: State, reason: str, seconds: float) -> None:
-        self.send(f"STATUS=engine {new.value} ({reason})")
+    def moved(self, name: str, state: State, reason: str) -> None:
+        self._engines[name] = f"{state.value} ({reason})"
+        self.send(self._status())
+
+    def _status(self) -> str:
+        if len(self._engines) == 1:
+            return f"STATUS=engine {next(iter(self._engines.values()))}"
+        return "STATUS=engines " + ", ".join(f"{name} {state}" for name, state in self._engines.items())
 
     async def keep_watchdog_fed(self) -> None:
         """Ping from the event loop: if the loop hangs, the pings stop and systemd restarts us."""
@@ -65,3 +78,11 @@ class SystemdNotifier(Observer):
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+class _EngineStatus(Observer):
+    def __init__(self, notifier: SystemdNotifier, name: str):
+        self._notifier, self._name = notifier, name
+
+    def transition(self, old: State, new: State, reason: str, seconds: float) -> None:
+        self._notifier.moved(self._name, new, reason)

@@ -86,7 +86,8 @@ class Autosleepd:
         self.engine, self.supervisor = first.client, first.supervisor
         self.metrics, self.coordinator, self.power = first.metrics, first.coordinator, first.power
         self.notifier = SystemdNotifier()
-        first.supervisor.add_observer(self.notifier)
+        for engine in engines:
+            engine.supervisor.add_observer(self.notifier.watch(engine.name, engine.supervisor.state))
         try:
             for engine in engines:
                 await engine.start()
@@ -135,7 +136,7 @@ class Autosleepd:
         self._control = (engines[0].control if self.host.single else
                          asyncio.create_task(_first_to_end([e.control for e in engines]),
                                              name="autosleepd-control"))
-        self.notifier.ready(self.supervisor.state.value)
+        self.notifier.ready()
         self._log.info("listening", host=config.host, port=self.port,
                        engines={e.name: e.config.upstream for e in engines},
                        upstream=config.upstream, idle_timeout_s=config.idle_timeout,

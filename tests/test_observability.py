@@ -11,6 +11,7 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from autosleepd.control.states import State
 from autosleepd.notify import SystemdNotifier
 
 from .conftest import OneGpu, completion, eventually, post_completion
@@ -98,7 +99,8 @@ async def test_metrics_show_requests_held_and_in_flight_now(make_sim, make_proxy
 def test_the_notifier_is_silent_outside_systemd():
     notifier = SystemdNotifier(env={})
     assert not notifier.enabled and notifier.watchdog_interval is None
-    notifier.ready("awake")   # no socket, no error
+    notifier.watch("engine", State.AWAKE)
+    notifier.ready()   # no socket, no error
 
 
 def test_the_notifier_reaches_an_abstract_socket():
@@ -107,7 +109,8 @@ def test_the_notifier_reaches_an_abstract_socket():
     receiver.bind("\0" + name)
     receiver.settimeout(5)
     notifier = SystemdNotifier(env={"NOTIFY_SOCKET": "@" + name})
-    notifier.ready("asleep")
+    notifier.watch("engine", State.ASLEEP)
+    notifier.ready()
     assert receiver.recv(4096).decode().split("\n") == ["READY=1", "STATUS=engine asleep"]
     receiver.close()
     notifier.close()

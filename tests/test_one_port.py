@@ -7,6 +7,7 @@ Real simulators and one real autosleepd on loopback; the GPU is the simulator's 
 from __future__ import annotations
 
 import asyncio
+import socket
 import dataclasses
 import json
 import logging
@@ -310,6 +311,26 @@ async def test_every_control_line_names_its_engine_on_a_host_of_several(rig, htt
     assert all(engine in ("a", "b") for engine, _ in transitions)
     steps = [line for line in logs if line["event"] == "wake_step"]
     assert steps and all(line.get("engine") == "b" for line in steps)   # the wake procedure's lines
+
+async def test_systemd_s_status_line_names_every_engine_s_state(rig, http, tmp_path, monkeypatch):
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    alpha = await rig.engine("alpha-model", shared_gpu=False)
+    beta = await rig.engine("beta-model", shared_gpu=False, sleeping=True)
+    server = await rig.host(["a", "b"], [alpha, beta], gpu=False)
+    assert (await ask(http, server.url, "beta-model"))[0] == 200   # wakes b
+    await server.supervisor.order_sleep(1)                          # a sleeps when asked
+    seen: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(10):
+        while not seen or seen[-1] != "STATUS=engines a asleep (slept), b awake (woke)":
+            message = (await loop.sock_recv(receiver, 4096)).decode()
+            seen += [line for line in message.split("\n") if line.startswith("STATUS=")]
+    assert "STATUS=engines a awake (found_awake), b asleep (found_asleep)" in seen
+    receiver.close()
+
 
 # ----- the host view ----------------------------------------------------------------------------
 
