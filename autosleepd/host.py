@@ -131,7 +131,8 @@ class HostedEngine:
             self.supervisor.add_observer(self.power)
         self.supervisor.add_observer(HeapTrimmer(lambda: self.supervisor.admission.idle))
         self.metrics.watch(self.supervisor.status,
-                           self.coordinator.status if self.coordinator is not None else None)
+                           self.coordinator.status if self.coordinator is not None else None,
+                           self.supervisor.pins.to_json)
         # Where the relay sends this engine's requests: its connections, its gate, its metrics.
         self.target = Target(Upstream(config.upstream, connect_timeout=config.connect_timeout),
                              self.supervisor, self.metrics)

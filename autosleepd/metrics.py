@@ -87,10 +87,13 @@ class Metrics(Observer):
         self.registry.register(_LiveCollector(self))
 
     def watch(self, read_status: Callable[[], Status],
-              read_coordination: Callable[[], dict] | None = None) -> None:
-        """Where scrape-time gauges come from: the supervisor's status (and the neighbours')."""
+              read_coordination: Callable[[], dict] | None = None,
+              read_pin: Callable[[float], dict | None] | None = None) -> None:
+        """Where scrape-time gauges come from: the supervisor's status (and the neighbours',
+        and the pin's at a time)."""
         self._read_status = read_status
         self._read_coordination = read_coordination
+        self._read_pin = read_pin
 
     # ----- the supervisor's Observer ---------------------------------------------------------
 
@@ -224,6 +227,14 @@ class _LiveCollector:
                 ("autosleepd_wake_check_failures", live.stats.check_failures,
                  "Wakes whose output check (one-token or fingerprint) failed.")):
             yield CounterMetricFamily(name, text, value=float(value))
+        if self._metrics._read_pin is not None:
+            pin = self._metrics._read_pin(live.now)
+            yield GaugeMetricFamily("autosleepd_pinned", "1 while an operator's pin keeps the "
+                                    "engine awake.", value=0.0 if pin is None else 1.0)
+            yield GaugeMetricFamily("autosleepd_pin_remaining_seconds", "Seconds the pin still "
+                                    "holds (0: no pin; -1: until unpinned).",
+                                    value=0.0 if pin is None else
+                                    -1.0 if pin["in_seconds"] is None else float(pin["in_seconds"]))
         upcoming = live.next_transition
         yield GaugeMetricFamily("autosleepd_next_transition_seconds",
                                 "Seconds until the next planned transition (-1: none planned).",

@@ -238,9 +238,20 @@ async def test_a_pin_blocks_the_idle_sleep_until_it_ends(rig, http):
     await b.wait_for(State.ASLEEP, timeout=5)      # the unpinned one sleeps on time
     assert a.state is State.AWAKE and not alpha.sleeping
     assert "pin until" in a.status().to_json()["next_transition"]["what"]
+    assert await pin_gauges(http, server, "a") == (1.0, 3000.0)
+    assert await pin_gauges(http, server, "b") == (0.0, 0.0)
     clock.advance(3000)
     await a.wait_for(State.ASLEEP, timeout=5)      # 3,600 s after the pin
     assert alpha.sleeping and a.pins.to_json(clock.now()) is None
+    assert await pin_gauges(http, server, "a") == (0.0, 0.0)
+
+
+async def pin_gauges(http, server, engine: str) -> tuple[float, float]:
+    """autosleepd_pinned and autosleepd_pin_remaining_seconds, as scraped."""
+    async with http.get(server.url + f"/autosleepd/metrics?engine={engine}") as response:
+        lines = dict(line.split(" ", 1) for line in (await response.text()).splitlines()
+                     if not line.startswith("#"))
+    return float(lines["autosleepd_pinned"]), float(lines["autosleepd_pin_remaining_seconds"])
 
 
 async def test_pinning_an_asleep_engine_wakes_it(rig, http):
@@ -251,6 +262,7 @@ async def test_pinning_an_asleep_engine_wakes_it(rig, http):
     assert status == 200 and answer["pin"]["text"] == "pinned until unpinned"
     await server.host.by_name["a"].supervisor.wait_for(State.AWAKE, timeout=5)
     assert not alpha.sleeping
+    assert await pin_gauges(http, server, "a") == (1.0, -1.0)
 
 
 async def test_the_keep_alive_header_extends_that_engine_s_idle_window_within_its_bound(rig, http):
