@@ -127,17 +127,24 @@ def load_worker(job: tuple) -> dict:
     return result
 
 
-def engine_tokens(url: str) -> float | None:
-    """vLLM's own count of generated tokens (None when /metrics does not give it)."""
+ENGINE_SERIES = ("vllm:generation_tokens_total", "vllm:num_requests_running",
+                 "vllm:num_requests_waiting")
+
+
+def engine_series(url: str) -> dict[str, float]:
+    """vLLM's own figures from /metrics, each summed over its labels (absent when not given)."""
     import urllib.request
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:
-        return None
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("vllm:generation_tokens_total")]
-    return sum(values) if values else None
+        return {}
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ENGINE_SERIES:
+            found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def cpu_seconds(processes: list) -> dict:
@@ -174,9 +181,13 @@ def phase(pool, url: str, args, model: str, extra: dict, pid: int | None, engine
     time.sleep(max(0.0, window[0] - time.time()))
     before = tree_cpu(pid)
     engine_before = cpu_seconds(engine)
-    tokens_before = engine_tokens(engine_url)
+    series_before = engine_series(engine_url)
+    # mid-window: how many requests vLLM runs and queues (is the same load reaching it?)
+    time.sleep(max(0.0, (window[0] + window[1]) / 2 - time.time()))
+    series_mid = engine_series(engine_url)
     time.sleep(max(0.0, window[1] - time.time()))
-    tokens_after = engine_tokens(engine_url)
+    series_after = engine_series(engine_url)
+    tokens = "vllm:generation_tokens_total"
     engine_after = cpu_seconds(engine)
     after = tree_cpu(pid)
     elapsed = window[1] - window[0]
@@ -186,8 +197,10 @@ def phase(pool, url: str, args, model: str, extra: dict, pid: int | None, engine
         "window_s": round(elapsed, 2), "streams_finished": sum(p["streams"] for p in parts),
         "failed_streams": sum(p["bad_status"] for p in parts) + sum(p["cut_streams"] for p in parts),
         "tokens_per_s": round(sum(p["window_tokens"] for p in parts) / elapsed),
-        "engine_tokens_per_s": (round((tokens_after - tokens_before) / elapsed)
-                                if tokens_before is not None and tokens_after is not None else None),
+        "engine_tokens_per_s": (round((series_after[tokens] - series_before[tokens]) / elapsed)
+                                if tokens in series_before and tokens in series_after else None),
+        "engine_running_mid": series_mid.get("vllm:num_requests_running"),
+        "engine_waiting_mid": series_mid.get("vllm:num_requests_waiting"),
         "coalesced_share": round(sum(p["reads_with_several_events"] for p in parts)
                                  / max(1, sum(p["reads"] for p in parts)), 4),
         "ttft_p50_ms": round(1000 * ttft[len(ttft) // 2], 2) if ttft else None,
@@ -209,12 +222,13 @@ def report(results: dict) -> str:
     lines = [f"# {results['streams']} concurrent streams, {results['engine']}: direct and through "
              "autosleepd", "", f"`{results['command']}`; {results['machine']}; streams of "
              f"{results['max_tokens']} tokens; a {results['window_s']:g} s window a phase", "",
-             "| phase | tokens/s (client) | tokens/s (engine) | TTFT p50 ms | TTFT p90 ms | failed "
-             "| autosleepd cores | busiest client process (cores) | busiest vLLM processes (cores) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| phase | tokens/s (client) | tokens/s (engine) | running / waiting in vLLM (mid-window) "
+             "| TTFT p50 ms | TTFT p90 ms | failed | autosleepd cores | busiest client process (cores) "
+             "| busiest vLLM processes (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["phases"]:
         lines.append(f"| {row['name']} | {row['tokens_per_s']} | {row['engine_tokens_per_s']} | "
-                     f"{row['ttft_p50_ms']} | {row['ttft_p90_ms']} | {row['failed_streams']} | "
+                     f"{row['engine_running_mid']} / {row['engine_waiting_mid']} | {row['ttft_p50_ms']} | {row['ttft_p90_ms']} | {row['failed_streams']} | "
                      f"{row.get('autosleepd_cores', '')} | {row['client_busiest_core']} | "
                      + ", ".join(f"{n} {c}" for n, c in row.get("engine_busiest_processes_cores", [])[:4]) + " |")
     lines += ["", "| side | median tokens/s (client) | vs direct | median tokens/s (engine) | vs direct |",
