@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import threading
 
 import aiohttp
@@ -89,3 +90,54 @@ def test_lines_a_stalled_reader_missed_are_counted_once_it_reads_again():
     assert notices and dropped > 0
     assert len(kept) + dropped == total, "every line is either written or counted"
     assert kept == sorted(kept) and lines[-1] == "after"
+
+
+async def test_a_worker_whose_owner_was_killed_takes_no_new_work(sim_process, start_daemon):  # noqa: F811
+    """The owner is SIGKILLed while a worker streams: the worker lets that stream finish, but a
+    new request on another of its kept-alive connections gets a 503, not the engine: nobody is
+    left to sleep or wake it, nor to count that work."""
+    sim = await sim_process("--token", "50ms")
+    daemon = await start_daemon(sim.url, AUTOSLEEPD_WORKERS="4")
+    owner = psutil.Process(daemon.process.pid)
+    workers = owner.children()
+    clients = []
+    by_worker: dict[int, list[socket.socket]] = {}
+    while not any(len(held) >= 2 for held in by_worker.values()):   # two connections on a worker
+        assert len(clients) < 200, "no worker accepted two connections"
+        client = socket.create_connection(("127.0.0.1", daemon.port))
+        clients.append(client)
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")   # accepted and served
+        port = client.getsockname()[1]
+        server = next((w for w in workers if any(c.raddr and c.raddr.port == port
+                                                 for c in w.net_connections("tcp"))), None)
+        if server is not None:
+            by_worker.setdefault(server.pid, []).append(client)
+    pid, (streaming, later) = next((pid, held) for pid, held in by_worker.items() if len(held) >= 2)
+    body = json.dumps(completion("long", 100, stream=True)).encode()   # 5 s
+    streaming.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                      b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+    assert streaming.recv(65536).startswith(b"HTTP/1.1 200")   # under way
+    owner.kill()
+    worker = psutil.Process(pid)
+    await eventually(lambda: not any(c.status == psutil.CONN_LISTEN
+                                     for c in worker.net_connections("tcp")),
+                     what="the worker saw its owner go")
+    body = json.dumps(completion("no owner")).encode()
+    later.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+    later.settimeout(10)
+    answer = later.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503") and b"shutting_down" in answer, answer[:200]
+    streamed = b""
+    streaming.settimeout(20)
+    while not streamed.endswith(b"0\r\n\r\n"):   # the stream in flight ends whole
+        chunk = streaming.recv(65536)
+        assert chunk, "the stream was cut"
+        streamed += chunk
+    assert b"data: [DONE]" in streamed
+    for client in clients:
+        client.close()
+    gone, alive = await asyncio.to_thread(psutil.wait_procs, workers, timeout=15)
+    assert not alive, "workers outlived their owner"
+    assert await asyncio.wait_for(daemon.process.wait(), 15) == -signal.SIGKILL
