@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import select
 import sys
 import threading
 from datetime import datetime, timezone
@@ -101,7 +102,10 @@ class _Survivable:
                 return
             data = text.encode("utf-8", "backslashreplace")
             while data:   # straight to the descriptor: no lock of sys.stderr held while blocked
-                data = data[os.write(self._fd, data):]
+                try:
+                    data = data[os.write(self._fd, data):]
+                except BlockingIOError:   # a descriptor its starter left non-blocking: wait
+                    select.select([], [self._fd], [])
         except (BrokenPipeError, ConnectionResetError):
             # Point the descriptor at /dev/null, so the text still buffered flushes at exit too.
             null = os.open(os.devnull, os.O_WRONLY)

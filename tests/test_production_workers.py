@@ -4,11 +4,16 @@ processes when the world around them misbehaves. Real processes, real sockets, t
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import select
 import signal
 import socket
+import struct
+import termios
 import threading
+import time
 
 import aiohttp
 import psutil
@@ -141,3 +146,40 @@ async def test_a_worker_whose_owner_was_killed_takes_no_new_work(sim_process, st
     gone, alive = await asyncio.to_thread(psutil.wait_procs, workers, timeout=15)
     assert not alive, "workers outlived their owner"
     assert await asyncio.wait_for(daemon.process.wait(), 15) == -signal.SIGKILL
+
+
+F_GETPIPE_SZ = 1032   # fcntl's, on Linux
+
+
+def pending(fd: int) -> int:
+    """Bytes waiting in a pipe."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_a_log_descriptor_left_non_blocking_still_gets_every_line_kept():
+    """Whoever started autosleepd may have left its stderr non-blocking: a full pipe then
+    answers EAGAIN, which must mean 'wait for room', not the end of the log."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    stream = log._Survivable(os.fdopen(write_end, "w"))
+    for i in range(1000):   # more than the pipe holds: the writer meets EAGAIN
+        stream.write(f"line {i:06d} {'.' * 88}\n")
+    capacity = fcntl.fcntl(read_end, F_GETPIPE_SZ)
+    deadline = time.monotonic() + 10
+    while pending(read_end) < capacity - select.PIPE_BUF:   # full before anyone reads
+        assert time.monotonic() < deadline, "the writer never filled the pipe"
+        select.select([], [], [], 0.01)
+    received = bytearray()
+
+    def read() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    stream.write("after\n")
+    stream.drain(timeout=10)
+    os.close(write_end)
+    reader.join(timeout=10)
+    lines = received.decode().splitlines()
+    assert lines == [f"line {i:06d} {'.' * 88}" for i in range(1000)] + ["after"]
