@@ -448,6 +448,8 @@ class Supervisor:
         if self.state is State.AWAKE and not self.checker.before_release:
             # Beside the released work: it costs them nothing, and a failure still marks broken.
             failure = await self.checker.verify()
+            if failure is not None and self.state is State.AWAKE and await self._slept_by_hand():
+                return   # a sleep behind our back failed the check: asleep, not broken
             if failure is not None and self.state is State.AWAKE:
                 self.stats.check_failures += 1
                 self.stats.broken_reason = failure
@@ -455,6 +457,15 @@ class Supervisor:
                 return
         if self.state is State.AWAKE and self.guard is not None:
             await self.guard.learn(awake=True)
+
+    async def _slept_by_hand(self) -> bool:
+        """The check after a wake failed: found asleep if it was slept meanwhile (an operator's
+        curl /sleep hangs or aborts the check), so the work stalled on it is woken for again."""
+        if await self.prober.read_engine() is not True:
+            return False
+        self.asleep_level = await self.prober.level_found()
+        self.apply(Event.FOUND_ASLEEP, during="the wake's check")
+        return True
 
     async def run_restart(self, event: Event | None = None) -> None:
         """The restart command: for a broken engine, or (``recycle``) for a drifting asleep one."""
