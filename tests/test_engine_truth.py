@@ -192,3 +192,19 @@ async def test_an_engine_slept_by_hand_during_the_wake_check_is_found_asleep_not
     await settle()
     assert supervisor.state is State.AWAKE and supervisor.status().stats.check_failures == 0
     assert supervisor.admission.in_flight == 1
+
+
+async def test_a_wake_check_hung_on_an_engine_slept_by_hand_is_given_up_within_a_second(supervisors):
+    """The same sleep by hand, with the check hanging (vLLM holds requests to a sleeping engine):
+    the engine's state is read meanwhile, so the loop is not stuck for the check's 60 s while
+    every request stalls (found by review)."""
+    engine, clock = FakeEngine(sleeping=True, level=1), ManualClock()
+    supervisor = await supervisors(config(), engine, clock)
+    engine.block("check_inference")   # never answers
+    await supervisor.admit()
+    await eventually(lambda: engine.count("check_inference") == 1, what="the wake's check")
+    engine.sleeping, engine.level = True, 1
+    clock.advance(1.0)
+    await eventually(lambda: engine.count("wake") == 2, what="woken again for the stalled work")
+    await settle()
+    assert supervisor.state is State.AWAKE and supervisor.status().stats.check_failures == 0
