@@ -18,6 +18,7 @@ from dataclasses import replace
 import structlog
 from aiohttp import web
 
+from . import log
 from .clock import Clock, LoopClock
 from .config import Config, local_url
 from .control.admin import Admin
@@ -234,6 +235,7 @@ class Autosleepd:
                 self._log.warning("forced_exit", signal=signal.Signals(signum).name)
                 if self.workers is not None:
                     self.workers.kill()
+                log.drain()   # os._exit runs no exit handlers
                 os._exit(1)
             self._log.info("signal", signal=signal.Signals(signum).name)
             stop.set()

@@ -10,6 +10,7 @@ import pytest
 
 from autosleepd.clock import ManualClock
 from autosleepd.config import Config
+from autosleepd.control.engine import EngineTimeout
 from autosleepd.control.interfaces import Observer
 from autosleepd.control.states import State
 from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
@@ -172,3 +173,38 @@ async def test_growing_leftover_memory_recycles_the_engine_while_asleep_and_idle
         assert status["recycles"] == 1 and status["cycles"] >= 1
     finally:
         await sim.close()
+
+
+async def test_an_engine_slept_by_hand_during_the_wake_check_is_found_asleep_not_broken(supervisors):
+    """The operator's curl /sleep lands while the one-token check that follows a wake runs: the
+    check fails (it hangs on the sleeping engine until its timeout, or is aborted). That is an
+    engine asleep, woken again for the work stalled on it; not a broken one to restart (found by
+    review)."""
+    engine, clock = FakeEngine(sleeping=True, level=1), ManualClock()
+    supervisor = await supervisors(config(), engine, clock)
+    checking = engine.block("check_inference")
+    await supervisor.admit()   # the request that wakes it
+    await eventually(lambda: engine.count("check_inference") == 1, what="the wake's check")
+    engine.sleeping, engine.level = True, 1
+    engine.fail("check_inference", EngineTimeout("POST /v1/completions: no answer within 60s"))
+    checking.set()
+    await eventually(lambda: engine.count("wake") == 2, what="woken again for the stalled work")
+    await settle()
+    assert supervisor.state is State.AWAKE and supervisor.status().stats.check_failures == 0
+    assert supervisor.admission.in_flight == 1
+
+
+async def test_a_wake_check_hung_on_an_engine_slept_by_hand_is_given_up_within_a_second(supervisors):
+    """The same sleep by hand, with the check hanging (vLLM holds requests to a sleeping engine):
+    the engine's state is read meanwhile, so the loop is not stuck for the check's 60 s while
+    every request stalls (found by review)."""
+    engine, clock = FakeEngine(sleeping=True, level=1), ManualClock()
+    supervisor = await supervisors(config(), engine, clock)
+    engine.block("check_inference")   # never answers
+    await supervisor.admit()
+    await eventually(lambda: engine.count("check_inference") == 1, what="the wake's check")
+    engine.sleeping, engine.level = True, 1
+    clock.advance(1.0)
+    await eventually(lambda: engine.count("wake") == 2, what="woken again for the stalled work")
+    await settle()
+    assert supervisor.state is State.AWAKE and supervisor.status().stats.check_failures == 0

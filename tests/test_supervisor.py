@@ -371,6 +371,7 @@ async def test_held_work_goes_at_once_and_an_engine_failing_the_one_token_check_
     engine.fail("check_inference", EngineRefused("POST /v1/completions", 500, "CUDA error"), times=100)
     supervisor, engine, clock = await rig(engine)
     await supervisor.admit()   # released once the engine reports awake, before the check ends
+    await settle()
     assert supervisor.state is State.AWAKE and engine.count("check_inference") == 1
     gate.set()
     await settle()

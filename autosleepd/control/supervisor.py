@@ -27,7 +27,7 @@ from .admission import Admission, HoldExpired, why_expired
 from .check import Checker
 from .engine import EngineError
 from .interfaces import Engine, Observer, OrderFailed, Refused, Restarter
-from .probe import UNREACHABLE_BACKOFF, Prober
+from .probe import CHECK_GAP, UNREACHABLE_BACKOFF, Prober
 from .sleep import fall_asleep, level_for_host_ram
 from .states import ON_ENTER, Event, Outcome, State, next_state
 from .status import Stats, Status
@@ -447,7 +447,9 @@ class Supervisor:
         self._apply_outcome(outcome, event)
         if self.state is State.AWAKE and not self.checker.before_release:
             # Beside the released work: it costs them nothing, and a failure still marks broken.
-            failure = await self.checker.verify()
+            failure = await self._check_after_wake()
+            if failure is not None and self.state is State.AWAKE and await self._slept_by_hand():
+                return   # a sleep behind our back failed the check: asleep, not broken
             if failure is not None and self.state is State.AWAKE:
                 self.stats.check_failures += 1
                 self.stats.broken_reason = failure
@@ -455,6 +457,36 @@ class Supervisor:
                 return
         if self.state is State.AWAKE and self.guard is not None:
             await self.guard.learn(awake=True)
+
+    async def _check_after_wake(self) -> str | None:
+        """The wake check, with the engine's state read every CHECK_GAP while it runs: one slept
+        by hand meanwhile hangs the check (and this loop, and the work stalled on it) until the
+        check's timeout; found asleep, the check is given up."""
+        check = asyncio.ensure_future(self.checker.verify())
+        try:
+            while True:
+                tick = asyncio.get_running_loop().create_future()
+                timer = self.clock.call_at(self.clock.now() + CHECK_GAP,
+                                           lambda: tick.done() or tick.set_result(None))
+                try:
+                    await asyncio.wait({check, tick}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    timer.cancel()
+                if check.done():
+                    return check.result()
+                if await self.prober.read_engine() is True:
+                    return "the engine was found asleep during the check"
+        finally:
+            check.cancel()
+
+    async def _slept_by_hand(self) -> bool:
+        """The check after a wake failed: found asleep if it was slept meanwhile (an operator's
+        curl /sleep hangs or aborts the check), so the work stalled on it is woken for again."""
+        if await self.prober.read_engine() is not True:
+            return False
+        self.asleep_level = await self.prober.level_found()
+        self.apply(Event.FOUND_ASLEEP, during="the wake's check")
+        return True
 
     async def run_restart(self, event: Event | None = None) -> None:
         """The restart command: for a broken engine, or (``recycle``) for a drifting asleep one."""

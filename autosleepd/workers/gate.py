@@ -44,6 +44,7 @@ class WorkerGate:
         self.owed = 0              # admitted by the owner, not yet released
         self.in_flight = 0         # admitted either way, not yet released
         self._last_stall = -STALL_GAP
+        self._owner_gone = False   # then nothing new is admitted: no one is left to count it
         self._log = structlog.get_logger("autosleepd.worker")
 
     def now(self) -> float:
@@ -55,7 +56,7 @@ class WorkerGate:
 
     def try_admit(self) -> bool:
         """Admitted now (counted in this worker's line) if the owner's flag is open; no message."""
-        if self._shared.enter(self._slot):
+        if not self._owner_gone and self._shared.enter(self._slot):
             self.in_flight += 1
             return True
         return False
@@ -64,6 +65,8 @@ class WorkerGate:
         """Return once admitted; raise ``Refused``. The slow path asks the owner."""
         if self.try_admit():
             return
+        if self._owner_gone:
+            raise Refused("shutting_down", "autosleepd is shutting down")
         number = next(self._ids)
         loop = asyncio.get_running_loop()
         future = self._held[number] = loop.create_future()
@@ -118,7 +121,8 @@ class WorkerGate:
                                          message.get("retry_after")))
 
     def owner_gone(self) -> None:
-        """The owner's link broke: nothing held can be let through any more."""
+        """The owner's link broke: nothing held can be let through any more, nor anything new."""
+        self._owner_gone = True
         for future in self._held.values():
             if not future.done():
                 future.set_exception(Refused("shutting_down", "autosleepd is shutting down"))
