@@ -8,21 +8,27 @@ AUTOSLEEPD_TEST_WORKERS says: the data path spread, the engine's state kept by t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import signal
+import socket
+from types import SimpleNamespace
 
 import aiohttp
 import psutil
 import pytest
 
+from autosleepd.clock import ManualClock
 from autosleepd.config import Config
 from autosleepd.control.states import State
 from autosleepd.sim import SimSettings, SimulatedEngine, expected_text
 from autosleepd.sim.gpu import SimGpu, SimProcesses
 from autosleepd.sim.launcher import Launcher
+from autosleepd.workers.gate import encode
+from autosleepd.workers.owner import _Link
 
-from .conftest import completion, eventually, reap
+from .conftest import FakeEngine, completion, eventually, reap, settle
 from .test_reliability import SimProcess
 
 WORKERS = 3
@@ -303,3 +309,30 @@ async def test_workers_of_a_killed_owner_stop_and_free_the_port(make_sim, start_
     assert not alive, "workers outlived their owner"
     with pytest.raises(OSError):   # nothing listens any more
         await asyncio.open_connection("127.0.0.1", daemon.port)
+
+
+
+@pytest.mark.parametrize("last_words", ["release", "hold"])
+async def test_what_a_dead_worker_said_last_is_not_counted_after_its_work_was_written_off(
+        supervisors, last_words):
+    """A worker's exit can be handled before its last messages are read (both arrive in one
+    loop turn): a late release must not count a second time what the write-off released, nor
+    a late hold admit work that nobody will release (the engine would never sleep)."""
+    supervisor = await supervisors(dataclasses.replace(Config(), idle_timeout=300.0), FakeEngine(),
+                                   ManualClock())
+    await supervisor.wait_for(State.AWAKE, timeout=5)
+    owner = SimpleNamespace(engines=[SimpleNamespace(supervisor=supervisor)])
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader, writer = await asyncio.open_unix_connection(sock=mine)
+    link = _Link(owner, 0, None, reader, writer)
+    await supervisor.admit()                 # the worker's one request in flight
+    link.admitted[0] += 1
+    message = ({"op": "release", "engine": 0, "id": 1} if last_words == "release"
+               else {"op": "hold", "engine": 0, "id": 2, "wait": None})
+    with theirs:                             # its last words, read but not yet handled
+        theirs.sendall(encode(message))
+        await eventually(lambda: len(reader._buffer) > 0, what="the words read")
+    link.write_off()                         # its exit, handled first
+    await asyncio.wait_for(link.serve(), 5)  # then what it said, up to the end of the link
+    await settle()
+    assert supervisor.admission.in_flight == 0 and link.admitted == [0] and not link.holds

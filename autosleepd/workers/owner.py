@@ -43,6 +43,7 @@ class _Link:
         self.reported: list[dict[str, int]] = [{} for _ in owner.engines]   # counts added so far
         self._reports: dict[int, asyncio.Future] = {}
         self._next_report = 0
+        self.written_off = False
 
     def send(self, message: dict) -> None:
         if not self.writer.is_closing():
@@ -50,6 +51,10 @@ class _Link:
 
     async def serve(self) -> None:
         async for line in self.reader:
+            if self.written_off:
+                # Its exit was handled first (both came in one loop turn): its work is released
+                # already, so a late release would count twice and a late hold never end.
+                return
             message = json.loads(line)
             op = message["op"]
             if op == "report":
@@ -102,6 +107,7 @@ class _Link:
 
     def write_off(self) -> None:
         """The worker is gone: its holds leave the queue, what it had in flight is over."""
+        self.written_off = True
         for task in self.holds.values():
             task.cancel()
         self.holds.clear()
