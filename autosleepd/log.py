@@ -111,6 +111,8 @@ class _Survivable:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, self._stream.fileno())
             os.close(null)
+        except OSError:
+            pass   # a full disk (ENOSPC), a hung-up terminal (EIO): this line is lost, not the log
 
 
 _streams: list[_Survivable] = []

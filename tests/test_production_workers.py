@@ -183,3 +183,20 @@ def test_a_log_descriptor_left_non_blocking_still_gets_every_line_kept():
     reader.join(timeout=10)
     lines = received.decode().splitlines()
     assert lines == [f"line {i:06d} {'.' * 88}" for i in range(1000)] + ["after"]
+
+
+def test_a_full_disk_costs_the_log_lines_not_the_log_for_good():
+    """A log file on a full disk (ENOSPC), or a hung-up terminal (EIO): the lines written then
+    are lost, and the lines after room comes back go out."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    stream = log._Survivable(os.fdopen(full, "w"))
+    stream.write("lost to a full disk\n")
+    stream.drain(timeout=10)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, full)   # room again: the same descriptor now leads somewhere
+    os.close(write_end)
+    stream.write("after\n")
+    stream.drain(timeout=10)
+    os.close(full)
+    with os.fdopen(read_end) as pipe:
+        assert pipe.read().splitlines() == ["after"]
