@@ -64,14 +64,15 @@ stack() {
     for file in "$@"; do cp "$ROOT_DIR/$file" "$project/"; files+=(-f "$(basename "$file")"); done
     token=$("$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(16))')
     echo "$token" > "$project/token"
-    printf 'AUTOSLEEPD_ADMIN_TOKEN=%s\nAUTOSLEEPD_IDLE_TIMEOUT=3s\nAUTOSLEEPD_PROBE_INTERVAL=1s\n%s' \
+    printf 'AUTOSLEEPD_ADMIN_TOKEN=%s\nAUTOSLEEPD_IDLE_TIMEOUT=3s\nAUTOSLEEPD_PROBE_INTERVAL=1s\n%b' \
         "$token" "$settings" > "$project/autosleepd.env"
     IT_PORT=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     export IT_PORT
     # What the scenarios run: Compose on this project, from any shell.
     COMPOSE_CMD="cd $project && $COMPOSE -p $name ${files[*]}"
-    compose up -d --wait --wait-timeout 120 >/dev/null 2>&1 || {
-        compose ps -a; compose logs --no-color | tail -30; fail "compose up ($*) failed"; }
+    compose up -d --wait --wait-timeout 120 >/dev/null 2>&1 &&
+        ! compose ps -a --format '{{.Health}}' | grep -qv '^healthy$' || {
+        compose ps -a; compose logs --no-color | tail -30; fail "compose up ($*): not all healthy"; }
     say "$name up and healthy: $(compose ps --format '{{.Service}}={{.Status}}' | paste -sd ' ')"
 }
 compose() { (cd "$project" && "$COMPOSE" -p "$name" "${files[@]}" "$@"); }
