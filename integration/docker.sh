@@ -117,7 +117,9 @@ sidecar=$(compose ps -q autosleepd)
 scenario scenario.py "http://127.0.0.1:$IT_PORT" --token-file "$project/token" --idle 3 \
     --restart "$COMPOSE_CMD restart vllm" --crash "$(crash "$(compose ps -q vllm)")" \
     --sidecar "docker inspect -f '{{.State.StartedAt}} restarts={{.RestartCount}}' $sidecar"
-scenario workers.py "http://127.0.0.1:$IT_PORT" --container "$sidecar" --token-file "$project/token" --processes 4
+scenario workers.py "http://127.0.0.1:$IT_PORT" --token-file "$project/token" --processes 4 \
+    --exec "docker exec -i $sidecar" --orphan \
+    --stop "docker stop -t 45 $sidecar" --exit-code "docker inspect -f '{{.State.ExitCode}}' $sidecar"
 down
 fi
 

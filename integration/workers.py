@@ -1,15 +1,18 @@
-"""autosleepd with worker processes (AUTOSLEEPD_WORKERS) in a container, as a user sees it
-(standard library only):
+"""autosleepd with worker processes (AUTOSLEEPD_WORKERS), in a container or a systemd unit, as a
+user sees it (standard library only):
 
-    python3 integration/workers.py URL --container ID --token-file F --processes N
+    python3 integration/workers.py URL --token-file F --processes N --stop CMD --exit-code CMD
+        [--exec "docker exec -i ID"] [--orphan]
 
-1. the container runs the owner and N-1 workers, and status says N processes;
+1. the owner and N-1 workers run (its children), and status says N processes;
 2. asleep, a burst of requests over fresh connections (so every process accepts some) is held
    and served by one wake;
-3. a worker killed with SIGKILL (`docker exec ... kill -9`) is restarted by the owner, and no
-   dead process is left unreaped in the container;
-4. a process orphaned inside the container (`docker exec ... sh -c 'sleep 1 & exit'`) is reaped;
-5. `docker stop`: streams in flight finish whole, autosleepd exits 0, well within the grace period.
+3. a worker killed with SIGKILL is restarted by the owner, and no dead process is left unreaped;
+4. with --orphan: a process orphaned where autosleepd runs (`sh -c 'sleep 0.2 & exit'`) is reaped;
+5. --stop: streams in flight finish whole, autosleepd exits 0 (--exit-code prints its status),
+   well within the grace period.
+
+--exec runs the process listing and the kills where autosleepd runs (in its container).
 
 Each step prints one line; the first failure exits 1.
 """
@@ -20,6 +23,8 @@ import argparse
 import subprocess
 import threading
 import time
+
+import shlex
 
 from scenario import call, complete, drained_on_stop, fail, ok, run, served, status, until
 
@@ -37,9 +42,9 @@ for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
 """
 
 
-def processes(container: str) -> list[tuple[int, int, str, str]]:
-    """(pid, parent, state, command) of every process in the container but this listing."""
-    done = subprocess.run(["docker", "exec", "-i", container, "python3", "-"], input=PS,
+def processes(where: str) -> list[tuple[int, int, str, str]]:
+    """(pid, parent, state, command) of every process (``where``: the --exec prefix) but this listing."""
+    done = subprocess.run([*shlex.split(where), "python3", "-"], input=PS,
                           capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
         fail(f"listing the container's processes failed: {done.stderr.strip()[-300:]}")
@@ -48,33 +53,38 @@ def processes(container: str) -> list[tuple[int, int, str, str]]:
             if command != "python3 -"]
 
 
-def workers(container: str) -> list[int]:
-    return [pid for pid, _, state, command in processes(container)
+def workers(where: str) -> list[int]:
+    return [pid for pid, _, state, command in processes(where)
             if "autosleepd.workers.worker" in command and state != "Z"]
 
 
-def zombies(container: str) -> list[tuple]:
-    return [row for row in processes(container) if row[2] == "Z"]
+def zombies(where: str) -> list[tuple]:
+    return [row for row in processes(where) if row[2] == "Z"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("url")
-    parser.add_argument("--container", required=True)
+    parser.add_argument("--exec", default="", help="a prefix that runs a command where autosleepd runs")
+    parser.add_argument("--orphan", action="store_true", help="check that an orphan is reaped there")
+    parser.add_argument("--stop", required=True, help="stops autosleepd")
+    parser.add_argument("--exit-code", required=True, help="prints the stopped autosleepd's exit status")
     parser.add_argument("--token-file", required=True, help="holds the admin token")
     parser.add_argument("--processes", type=int, required=True, help="AUTOSLEEPD_WORKERS")
     parser.add_argument("--burst", type=int, default=48)
     args = parser.parse_args()
-    url, container = args.url.rstrip("/"), args.container
+    url, container = args.url.rstrip("/"), args.exec
     token = open(args.token_file).read().strip()
 
     until("every worker has started", lambda: len(workers(container)) == args.processes - 1, 60)
-    owner = [row for row in processes(container) if row[3].endswith("bin/autosleepd")]
-    if len(owner) != 1 or status(url).get("workers", {}).get("processes") != args.processes:
-        fail(f"expected one owner and {args.processes - 1} workers: {processes(container)}, "
+    rows = {row[0]: row for row in processes(container)}
+    owners = {rows[pid][1] for pid in workers(container)}
+    if len(owners) != 1 or status(url).get("workers", {}).get("processes") != args.processes:
+        fail(f"expected one owner and {args.processes - 1} workers: {list(rows.values())}, "
              f"status {status(url).get('workers')}")
-    ok(f"the owner (pid {owner[0][0]} in the container, its parent {owner[0][1]}) and "
-       f"{args.processes - 1} workers (pids {', '.join(map(str, workers(container)))}) run")
+    owner = rows[owners.pop()]
+    ok(f"the owner (pid {owner[0]}, its parent {owner[1]}: {rows[owner[1]][3] if owner[1] in rows else '-'}) "
+       f"and its {args.processes - 1} workers (pids {', '.join(map(str, workers(container)))}) run")
 
     code, _ = call(url, "/autosleepd/sleep", token=token, method="POST")
     if code != 200 or status(url)["state"] != "asleep":
@@ -97,7 +107,7 @@ def main() -> None:
 
     before, exits = workers(container), status(url)["workers"]["exits"]
     victim = before[0]
-    run(f"docker exec {container} sh -c 'kill -9 {victim}'")
+    run(f"{container} sh -c 'kill -9 {victim}'")
     restarted = until("the killed worker is restarted", lambda: status(url)["workers"]["exits"] == exits + 1
                       and len(workers(container)) == args.processes - 1 and victim not in workers(container), 30)
     left = zombies(container)
@@ -109,18 +119,18 @@ def main() -> None:
     ok(f"a worker killed with SIGKILL (pid {victim}) was restarted in {restarted:.1f}s "
        f"(workers {before} -> {workers(container)}); nothing left <defunct>; requests served")
 
-    run(f"docker exec {container} sh -c 'sleep 0.2 & exit 0'")
-    deadline = time.monotonic() + 10
-    while zombies(container) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if zombies(container):
-        fail(f"a process orphaned in the container stays <defunct> (nothing reaps it: is there "
-             f"an init as PID 1?): {zombies(container)}")
-    pid1 = [row for row in processes(container) if row[0] == 1][0]
-    ok(f"a process orphaned in the container was reaped (no <defunct> left; PID 1: {pid1[3]})")
+    if args.orphan:
+        run(f"{container} sh -c 'sleep 0.2 & exit 0'")
+        deadline = time.monotonic() + 10
+        while zombies(container) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if zombies(container):
+            fail(f"a process orphaned where autosleepd runs stays <defunct> (nothing reaps it: is "
+                 f"there an init as PID 1?): {zombies(container)}")
+        pid1 = [row for row in processes(container) if row[0] == 1][0]
+        ok(f"a process orphaned there was reaped (no <defunct> left; PID 1: {pid1[3]})")
 
-    drained_on_stop(url, ["model"], f"docker stop -t 45 {container}",
-                    f"docker inspect -f '{{{{.State.ExitCode}}}}' {container}", streams=8)
+    drained_on_stop(url, ["model"], args.stop, args.exit_code, streams=8)
 
 
 if __name__ == "__main__":
