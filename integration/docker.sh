@@ -129,6 +129,7 @@ stack two-models "" docker-compose.two-models.yml integration/compose.two-models
 sidecar=$(compose ps -q autosleepd)
 scenario two_models.py "http://127.0.0.1:$IT_PORT" --idle 3 \
     --restart-small "$COMPOSE_CMD restart vllm-small" \
+    --stop-small "$COMPOSE_CMD stop vllm-small" --start-small "$COMPOSE_CMD start vllm-small" \
     --stop "$COMPOSE_CMD stop autosleepd" --exit-code "docker inspect -f '{{.State.ExitCode}}' $sidecar"
 down
 fi

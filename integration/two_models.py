@@ -1,14 +1,17 @@
 """One autosleepd on one port in front of two engines (docker-compose.two-models.yml), as a user
 sees it (standard library only):
 
-    python3 integration/two_models.py URL --restart-small CMD --stop CMD --exit-code CMD
+    python3 integration/two_models.py URL --restart-small CMD --stop-small CMD --start-small CMD
+        --stop CMD --exit-code CMD
 
 1. each model is answered by its own engine through the one port; /v1/models lists both;
 2. idle puts each engine to sleep; a request for "large" wakes "large" only;
 3. an unknown model gets 404 model_not_found naming the models there are;
 4. a request for "small" sent while its engine restarts (--restart-small) is held and served by
    the new engine, while "large" keeps answering;
-5. streams to both engines in flight when autosleepd is stopped (--stop) finish whole, and it
+5. a request for "small" held while its engine is stopped (--stop-small) is served once it is
+   started again (--start-small);
+6. streams to both engines in flight when autosleepd is stopped (--stop) finish whole, and it
    exits 0 (--exit-code prints its exit status).
 
 Each step prints one line; the first failure exits 1.
@@ -18,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 
-from scenario import call, complete, drained_on_stop, fail, held_across, ok, served, until
+from scenario import call, complete, drained_on_stop, fail, held_across, ok, run, served, status, until
 
 MODELS = ("large", "small")
 
@@ -45,6 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("url")
     parser.add_argument("--restart-small", required=True, help="a planned restart of the 'small' engine")
+    parser.add_argument("--stop-small", required=True, help="stops the 'small' engine")
+    parser.add_argument("--start-small", required=True, help="starts the 'small' engine again")
     parser.add_argument("--stop", required=True, help="stops autosleepd")
     parser.add_argument("--exit-code", required=True, help="prints the stopped autosleepd's exit status")
     parser.add_argument("--idle", type=float, default=3.0, help="autosleepd's idle window")
@@ -91,7 +97,31 @@ def main() -> None:
 
     held_across(url, "restart of vllm-small", args.restart_small, model="small", host=True,
                 meanwhile=large_answers)
+    held_while_stopped(url, args.stop_small, args.start_small)
     drained_on_stop(url, list(MODELS), args.stop, args.exit_code, host=True)
+
+
+def held_while_stopped(url: str, stop: str, start: str) -> None:
+    """A request for 'small' arrives while its engine is stopped: it is held, not refused, and
+    answered by the engine once it is started again."""
+    run(stop)
+    result: list = []
+    sender = threading.Thread(target=lambda: result.append(complete(url, "small")))
+    sent = time.monotonic()
+    sender.start()
+    until("the request for 'small' is held while its engine is stopped",
+          lambda: status(url, "small").get("queued", 0) >= 1 or not sender.is_alive(), 30)
+    if not sender.is_alive():
+        fail(f"a request for 'small' while its engine was stopped was not held: {result}")
+    held = time.monotonic() - sent
+    started = time.monotonic()
+    run(start)
+    sender.join(120)
+    answer = result[0] if result else (None, {})
+    if not served(answer, "small"):
+        fail(f"the request held while 'small' was stopped got {answer[0]} {json.dumps(answer[1])[:300]}")
+    ok(f"a request for 'small' sent while its engine was stopped was held (seen queued after {held:.1f}s; "
+       f"then started), then served 200 by 'small' {time.monotonic() - started:.1f}s after the start began")
 
 
 if __name__ == "__main__":
