@@ -143,10 +143,22 @@ def held_across(url: str, name: str, command: str, model: str = "model", host: b
 
 
 def drained_on_stop(url: str, models: list[str], stop: str, exit_code: str, host: bool = False,
-                    streams: int = 2, tokens: int = 100, bound: float = 15) -> float:
+                    streams: int = 2, tokens: int = 100, bound: float = 15, held: str | None = None,
+                    down: str | None = None) -> float:
     """Streams in flight (``streams`` per model, ``tokens`` tokens each) when ``stop`` stops the
     sidecar must finish whole, the sidecar must exit 0 (``exit_code`` prints its exit status),
-    and the stop must take under ``bound`` seconds. Returns how long the stop took."""
+    and the stop must take under ``bound`` seconds. With ``held`` (a model) and ``down`` (a
+    command that stops its engine): requests for it, held meanwhile, must get 503
+    shutting_down at once. Returns how long the stop took."""
+    refused: list = []
+    holders = [threading.Thread(target=lambda: refused.append((complete(url, held), time.monotonic())))
+               for _ in range(4 if held else 0)]
+    if held:
+        run(down)
+        for holder in holders:
+            holder.start()
+        until(f"requests for {held!r} are held while its engine is down",
+              lambda: status(url, held if host else None).get("queued", 0) >= len(holders), 30)
     results: list = []
     senders = [threading.Thread(target=lambda m=m: results.append((m, stream(url, m, tokens))))
                for m in models for _ in range(streams)]
@@ -158,8 +170,13 @@ def drained_on_stop(url: str, models: list[str], stop: str, exit_code: str, host
     started = time.monotonic()
     run(stop)
     took = time.monotonic() - started
-    for sender in senders:
+    for sender in [*senders, *holders]:
         sender.join(60)
+    late = [round(answered - started, 2) for _, answered in refused]
+    wrong = [answer for answer, _ in refused
+             if answer[0] != 503 or (answer[1].get("error") or {}).get("code") != "shutting_down"]
+    if len(refused) != len(holders) or wrong or any(t > 1 for t in late):
+        fail(f"held requests at the stop should get 503 shutting_down at once: {wrong[:2]}, after {late}s")
     cut = [(m, r) for m, r in results if r != (200, tokens, True)]
     if cut or len(results) != len(senders):
         fail(f"streams in flight at the stop were cut (model, (status, tokens of {tokens}, [DONE])): {cut}")
@@ -168,8 +185,10 @@ def drained_on_stop(url: str, models: list[str], stop: str, exit_code: str, host
         fail(f"the sidecar exited {code} on stop")
     if took > bound:
         fail(f"the stop took {took:.1f}s (more than {bound:g}s)")
+    also = (f"{len(holders)} requests held for {held!r} (its engine stopped) got 503 shutting_down "
+            f"within {max(late):.2f}s; " if held else "")
     ok(f"stop: {len(senders)} streams in flight ({tokens} tokens each, to {', '.join(models)}) finished whole; "
-       f"the sidecar exited 0; the stop took {took:.1f}s")
+       f"{also}the sidecar exited 0; the stop took {took:.1f}s")
     return took
 
 

@@ -11,8 +11,9 @@ sees it (standard library only):
    the new engine, while "large" keeps answering;
 5. a request for "small" held while its engine is stopped (--stop-small) is served once it is
    started again (--start-small);
-6. streams to both engines in flight when autosleepd is stopped (--stop) finish whole, and it
-   exits 0 (--exit-code prints its exit status).
+6. with "small" stopped again and requests for it held, streams to "large" in flight when
+   autosleepd is stopped (--stop) finish whole, the held requests get 503 shutting_down at once,
+   and autosleepd exits 0 (--exit-code prints its exit status) within 8 s.
 
 Each step prints one line; the first failure exits 1.
 """
@@ -98,7 +99,8 @@ def main() -> None:
     held_across(url, "restart of vllm-small", args.restart_small, model="small", host=True,
                 meanwhile=large_answers)
     held_while_stopped(url, args.stop_small, args.start_small)
-    drained_on_stop(url, list(MODELS), args.stop, args.exit_code, host=True)
+    drained_on_stop(url, ["large"], args.stop, args.exit_code, host=True, streams=4, bound=8,
+                    held="small", down=args.stop_small)
 
 
 def held_while_stopped(url: str, stop: str, start: str) -> None:
