@@ -92,7 +92,7 @@ crash() {
           while [ \"\$(docker inspect -f '{{.RestartCount}}' $1)\" = \"\$n\" ]; do sleep 0.1; done"
 }
 
-wanted() { [[ " ${AUTOSLEEPD_IT_STACKS:-one workers two-models} " == *" $1 "* ]]; }
+wanted() { [[ " ${AUTOSLEEPD_IT_STACKS:-one workers two-models two-models-workers} " == *" $1 "* ]]; }
 export IT_TAG=it
 
 # 1. The shipped docker-compose.yml: one vLLM, one sidecar, one process.
@@ -123,14 +123,17 @@ scenario workers.py "http://127.0.0.1:$IT_PORT" --token-file "$project/token" --
 down
 fi
 
-# 3. docker-compose.two-models.yml: one autosleepd on one port in front of two engines.
-if wanted two-models; then
-stack two-models "" docker-compose.two-models.yml integration/compose.two-models.sim.yml
+# 3. docker-compose.two-models.yml: one autosleepd on one port in front of two engines, with one
+# process, then with AUTOSLEEPD_WORKERS=2.
+for workers in 1 2; do
+stacked=two-models$([ "$workers" = 1 ] || echo "-workers")
+wanted "$stacked" || continue
+stack "$stacked" "$([ "$workers" = 1 ] || echo "AUTOSLEEPD_WORKERS=$workers\n")" docker-compose.two-models.yml integration/compose.two-models.sim.yml
 sidecar=$(compose ps -q autosleepd)
 scenario two_models.py "http://127.0.0.1:$IT_PORT" --idle 3 \
     --restart-small "$COMPOSE_CMD restart vllm-small" \
     --stop-small "$COMPOSE_CMD stop vllm-small" --start-small "$COMPOSE_CMD start vllm-small" \
     --stop "$COMPOSE_CMD stop autosleepd" --exit-code "docker inspect -f '{{.State.ExitCode}}' $sidecar"
 down
-fi
+done
 say "PASS"
