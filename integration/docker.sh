@@ -2,8 +2,9 @@
 # The shipped compose files under a real Docker Engine and Compose v2, with the simulator as
 # vLLM (integration/compose*.sim.yml): build the image on a Debian base made here, then bring up
 # and check, one after the other, docker-compose.yml (scenario.py), the same with
-# AUTOSLEEPD_WORKERS=4 (scenario.py, workers.py) and docker-compose.two-models.yml
-# (two_models.py). AUTOSLEEPD_IT_STACKS picks some ("one workers two-models" by default).
+# AUTOSLEEPD_WORKERS=4 (scenario.py, workers.py), and docker-compose.two-models.yml with one
+# process and with AUTOSLEEPD_WORKERS=2 (two_models.py). AUTOSLEEPD_IT_STACKS picks some
+# ("one workers two-models two-models-workers" by default).
 # Exit 77 when a piece is missing.
 set -euo pipefail
 PART=docker
