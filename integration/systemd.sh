@@ -67,7 +67,8 @@ nspawn=$!
 cleanup+=("kill -TERM $nspawn; wait $nspawn")
 leader=""
 for _ in $(seq 100); do
-    leader=$(ps -o pid= --ppid "$nspawn" | tr -d ' ' | head -1 || true)
+    # The container's init: nspawn's child named systemd (a short-lived helper child may come first).
+    leader=$(ps -o pid=,comm= --ppid "$nspawn" | awk '$2 == "systemd" {print $1; exit}' || true)
     [ -n "$leader" ] && break; sleep 0.1
 done
 [ -n "$leader" ] || fail "the container did not start: see $CACHE/nspawn.log"
