@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The shipped docker-compose.yml under a real Docker Engine and Compose v2, with the simulator
-# as vLLM (integration/compose.sim.yml): build the image on a Debian base made here, bring the
-# stack up, and run integration/scenario.py against it. Exit 77 when a piece is missing.
+# The shipped compose files under a real Docker Engine and Compose v2, with the simulator as
+# vLLM (integration/compose*.sim.yml): build the image on a Debian base made here, then bring up
+# and check, one after the other, docker-compose.yml (scenario.py), the same with
+# AUTOSLEEPD_WORKERS=4 (scenario.py, workers.py), and docker-compose.two-models.yml with one
+# process and with AUTOSLEEPD_WORKERS=2 (two_models.py). AUTOSLEEPD_IT_STACKS picks some
+# ("one workers two-models two-models-workers" by default).
+# Exit 77 when a piece is missing.
 set -euo pipefail
 PART=docker
 source "$(dirname "$0")/common.sh"
@@ -50,41 +54,87 @@ docker build --network host --build-arg BASE="$BASE" --build-arg PIP_NO_INDEX=1 
 say "image built in $((SECONDS - started))s: $(docker image inspect -f '{{.Size}}' "autosleepd:$IT_TAG" | awk '{printf "%.0f MB", $1/1e6}')"
 [ "$(docker run --rm --entrypoint id "autosleepd:$IT_TAG" -u)" = 10001 ] || fail "the image does not run as uid 10001"
 
-# The shipped compose file, with the simulator override, in a scratch project directory.
-project=$(mktemp -d)
-cleanup+=("rm -rf $project")
-cp "$ROOT_DIR/docker-compose.yml" "$ROOT_DIR/integration/compose.sim.yml" "$project/"
-token=$("$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(16))')
-printf 'AUTOSLEEPD_ADMIN_TOKEN=%s\nAUTOSLEEPD_IDLE_TIMEOUT=3s\nAUTOSLEEPD_PROBE_INTERVAL=1s\n' "$token" \
-    > "$project/autosleepd.env"
-export IT_PORT=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-compose() { (cd "$project" && "$COMPOSE" -p autosleepd-it -f docker-compose.yml -f compose.sim.yml "$@"); }
-cleanup+=("compose logs --no-color > $CACHE/compose.log 2>&1; compose down -t 5 -v >/dev/null 2>&1")
-compose up -d --wait --wait-timeout 120 >/dev/null 2>&1 || {
-    compose ps -a; compose logs --no-color | tail -30; fail "compose up failed"; }
-say "compose stack up and healthy: $(compose ps --format '{{.Service}}={{.Status}}' | paste -sd ' ')"
-
-sidecar=$(compose ps -q autosleepd)
-vllm=$(compose ps -q vllm)
+# Each deployment: its compose files (a shipped one, then its simulator override) copied into a
+# scratch project directory, with an env file holding a fresh admin token and the part's settings.
+# One runs at a time: compose() manages the current one, down() removes it.
+project=""
+stack() {
+    local settings=$2 file
+    name=autosleepd-it-$1; shift 2
+    project=$(mktemp -d); files=()
+    for file in "$@"; do cp "$ROOT_DIR/$file" "$project/"; files+=(-f "$(basename "$file")"); done
+    token=$("$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(16))')
+    echo "$token" > "$project/token"
+    printf 'AUTOSLEEPD_ADMIN_TOKEN=%s\nAUTOSLEEPD_IDLE_TIMEOUT=3s\nAUTOSLEEPD_PROBE_INTERVAL=1s\n%b' \
+        "$token" "$settings" > "$project/autosleepd.env"
+    IT_PORT=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    export IT_PORT
+    # What the scenarios run: Compose on this project, from any shell.
+    COMPOSE_CMD="cd $project && $COMPOSE -p $name ${files[*]}"
+    compose up -d --wait --wait-timeout 120 >/dev/null 2>&1 &&
+        ! compose ps -a --format '{{.Health}}' | grep -qv '^healthy$' || {
+        compose ps -a; compose logs --no-color | tail -30; fail "compose up ($*): not all healthy"; }
+    say "$name up and healthy: $(compose ps --format '{{.Service}}={{.Status}}' | paste -sd ' ')"
+}
+compose() { (cd "$project" && "$COMPOSE" -p "$name" "${files[@]}" "$@"); }
+down() {
+    [ -n "$project" ] || return 0
+    compose logs --no-color > "$CACHE/compose-$name.log" 2>&1
+    compose down -t 5 -v >/dev/null 2>&1
+    rm -rf "$project"; project=""
+}
+cleanup+=(down)
+scenario() { "$VENV/bin/python" -u "$ROOT_DIR/integration/$1" "${@:2}" | sed -u "s/^/[$PART] /" \
+    || fail "$1 failed (compose logs: $CACHE/compose-$name.log)"; }
 # A crash as the broken-engine healthcheck makes one: SIGTERM to vLLM's PID 1; `restart:` brings
 # it back (the command returns once Docker has restarted the container, the engine still loading).
-crash="n=\$(docker inspect -f '{{.RestartCount}}' $vllm); docker exec $vllm sh -c 'kill -TERM 1';
-       while [ \"\$(docker inspect -f '{{.RestartCount}}' $vllm)\" = \"\$n\" ]; do sleep 0.1; done"
-echo "$token" > "$project/token"
-"$VENV/bin/python" -u "$ROOT_DIR/integration/scenario.py" "http://127.0.0.1:$IT_PORT" --token-file "$project/token" \
-    --idle 3 \
-    --restart "cd $project && $COMPOSE -p autosleepd-it -f docker-compose.yml -f compose.sim.yml restart vllm" \
-    --crash "$crash" \
-    --sidecar "docker inspect -f '{{.State.StartedAt}} restarts={{.RestartCount}}' $sidecar" \
-    | sed -u "s/^/[$PART] /" || fail "the scenario failed (compose logs: $CACHE/compose.log)"
+crash() {
+    echo "n=\$(docker inspect -f '{{.RestartCount}}' $1); docker exec $1 sh -c 'kill -TERM 1';
+          while [ \"\$(docker inspect -f '{{.RestartCount}}' $1)\" = \"\$n\" ]; do sleep 0.1; done"
+}
 
+wanted() { [[ " ${AUTOSLEEPD_IT_STACKS:-one workers two-models two-models-workers} " == *" $1 "* ]]; }
+export IT_TAG=it
+
+# 1. The shipped docker-compose.yml: one vLLM, one sidecar, one process.
+if wanted one; then
+stack one "" docker-compose.yml integration/compose.sim.yml
 # A new shell with no variables set still manages the stack (the token lives in the env file).
-(cd "$project" && env -i PATH="$PATH" IT_TAG=it IT_PORT="$IT_PORT" "$COMPOSE" -p autosleepd-it \
-    -f docker-compose.yml -f compose.sim.yml ps >/dev/null) || fail "compose ps in a clean shell failed"
+(cd "$project" && env -i PATH="$PATH" IT_TAG=it IT_PORT="$IT_PORT" "$COMPOSE" -p "$name" "${files[@]}" ps >/dev/null) \
+    || fail "compose ps in a clean shell failed"
 say "compose ps in a clean environment works"
-started=$SECONDS
-compose stop autosleepd >/dev/null 2>&1
-code=$(docker inspect -f '{{.State.ExitCode}}' "$sidecar")
-[ "$code" = 0 ] || fail "the sidecar exited $code on stop"
-say "compose stop: the sidecar exited 0 in $((SECONDS - started))s"
+sidecar=$(compose ps -q autosleepd)
+scenario scenario.py "http://127.0.0.1:$IT_PORT" --token-file "$project/token" --idle 3 \
+    --restart "$COMPOSE_CMD restart vllm" --crash "$(crash "$(compose ps -q vllm)")" \
+    --sidecar "docker inspect -f '{{.State.StartedAt}} restarts={{.RestartCount}}' $sidecar" \
+    --stop "$COMPOSE_CMD stop autosleepd" --exit-code "docker inspect -f '{{.State.ExitCode}}' $sidecar"
+down
+fi
+
+# 2. The same file with AUTOSLEEPD_WORKERS=4: the owner and 3 worker processes in the container.
+if wanted workers; then
+stack workers "AUTOSLEEPD_WORKERS=4\n" docker-compose.yml integration/compose.sim.yml
+sidecar=$(compose ps -q autosleepd)
+scenario scenario.py "http://127.0.0.1:$IT_PORT" --token-file "$project/token" --idle 3 \
+    --restart "$COMPOSE_CMD restart vllm" --crash "$(crash "$(compose ps -q vllm)")" \
+    --sidecar "docker inspect -f '{{.State.StartedAt}} restarts={{.RestartCount}}' $sidecar"
+scenario workers.py "http://127.0.0.1:$IT_PORT" --token-file "$project/token" --processes 4 \
+    --exec "docker exec -i $sidecar" --orphan \
+    --stop "docker stop -t 45 $sidecar" --exit-code "docker inspect -f '{{.State.ExitCode}}' $sidecar"
+down
+fi
+
+# 3. docker-compose.two-models.yml: one autosleepd on one port in front of two engines, with one
+# process, then with AUTOSLEEPD_WORKERS=2.
+for workers in 1 2; do
+stacked=two-models$([ "$workers" = 1 ] || echo "-workers")
+wanted "$stacked" || continue
+stack "$stacked" "$([ "$workers" = 1 ] || echo "AUTOSLEEPD_WORKERS=$workers\n")" docker-compose.two-models.yml integration/compose.two-models.sim.yml
+sidecar=$(compose ps -q autosleepd)
+scenario two_models.py "http://127.0.0.1:$IT_PORT" --idle 3 \
+    --restart-small "$COMPOSE_CMD restart vllm-small" \
+    --stop-small "$COMPOSE_CMD stop vllm-small" --start-small "$COMPOSE_CMD start vllm-small" \
+    --stop "$COMPOSE_CMD stop autosleepd" --exit-code "docker inspect -f '{{.State.ExitCode}}' $sidecar"
+down
+done
 say "PASS"

@@ -33,7 +33,7 @@ mkdir -p "$run/etc/autosleepd" "$run/etc/vllm" "$run/etc/systemd/system/vllm@.se
 cat > "$run/etc/systemd/system/vllm@.service.d/simulator.conf" <<'EOF'
 [Service]
 ExecStart=
-ExecStart=/opt/autosleepd/bin/autosleepd sim --host 127.0.0.1 --port ${VLLM_PORT} --model ${VLLM_MODEL} --load 2s
+ExecStart=/opt/autosleepd/bin/autosleepd sim --host 127.0.0.1 --port ${VLLM_PORT} --model ${VLLM_MODEL} --load 2s --token 20ms
 EOF
 printf 'VLLM_MODEL=model\nVLLM_PORT=8000\nVLLM_ARGS=\n' > "$run/etc/vllm/sim.env"
 token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
@@ -52,7 +52,7 @@ EOF
 printf 'AUTOSLEEPD_UPSTREAM=http://127.0.0.1:8001\nAUTOSLEEPD_PORT=8081\n' > "$run/etc/autosleepd/other.env"
 mkdir -p "$run/etc/systemd/system/autosleepd@other.service.d"
 printf '[Unit]\nAfter=my-llm.service\n' > "$run/etc/systemd/system/autosleepd@other.service.d/vllm.conf"
-cp "$ROOT_DIR/integration/scenario.py" "$run/opt/it/"
+cp "$ROOT_DIR/integration/scenario.py" "$ROOT_DIR/integration/workers.py" "$run/opt/it/"
 
 # Where the host is not run by systemd (no D-Bus, /run not a tmpfs), nspawn needs its own tmpfs
 # for what it propagates into the container, and must stay in the caller's cgroup.
@@ -67,7 +67,8 @@ nspawn=$!
 cleanup+=("kill -TERM $nspawn; wait $nspawn")
 leader=""
 for _ in $(seq 100); do
-    leader=$(ps -o pid= --ppid "$nspawn" | tr -d ' ' | head -1 || true)
+    # The container's init: nspawn's child named systemd (a short-lived helper child may come first).
+    leader=$(ps -o pid=,comm= --ppid "$nspawn" | awk '$2 == "systemd" {print $1; exit}' || true)
     [ -n "$leader" ] && break; sleep 0.1
 done
 [ -n "$leader" ] || fail "the container did not start: see $CACHE/nspawn.log"
@@ -125,4 +126,38 @@ say "watchdog: a frozen autosleepd (SIGSTOP) was killed and restarted in $((SECO
 started=$SECONDS
 inside systemctl stop autosleepd@sim
 say "systemctl stop autosleepd@sim: $(show autosleepd@sim Result) in $((SECONDS - started))s; vllm@sim still $(show vllm@sim ActiveState)"
+
+# Worker processes: autosleepd@workers, the same settings with AUTOSLEEPD_WORKERS=2, in front of
+# vllm@sim now that autosleepd@sim is stopped. `systemctl stop` sends SIGTERM to every process
+# of the unit; nothing may be left for SIGKILL.
+unit_processes() { inside sh -c "grep -l '/$1.service\$' /proc/[0-9]*/cgroup 2>/dev/null | wc -l"; }
+{ cat "$run/etc/autosleepd/sim.env"; printf 'AUTOSLEEPD_WORKERS=2\nAUTOSLEEPD_PORT=8082\n'; } > "$run/etc/autosleepd/workers.env"
+chmod 640 "$run/etc/autosleepd/workers.env"
+inside systemctl start autosleepd@workers || fail "autosleepd@workers did not start: $(inside journalctl -u autosleepd@workers -n 20 -o cat)"
+say "READY: autosleepd@workers is $(show autosleepd@workers ActiveState), $(unit_processes autosleepd@workers) processes in its cgroup"
+inside python3 -u /opt/it/scenario.py http://127.0.0.1:8082 --token-file /opt/it/token --idle 3 \
+    --restart "systemctl restart vllm@sim" \
+    --crash "systemctl kill -s KILL vllm@sim; while systemctl -q is-active vllm@sim; do sleep 0.1; done" \
+    --sidecar "systemctl show -p MainPID -p NRestarts --value autosleepd@workers | paste -sd ' '" \
+    | sed -u "s/^/[$PART] /" || fail "the scenario with workers failed: $(inside journalctl -u autosleepd@workers -n 30 -o cat)"
+inside python3 -u /opt/it/workers.py http://127.0.0.1:8082 --token-file /opt/it/token --processes 2 \
+    --stop "systemctl stop autosleepd@workers" --exit-code "systemctl show -p ExecMainStatus --value autosleepd@workers" \
+    | sed -u "s/^/[$PART] /" || fail "workers.py failed: $(inside journalctl -u autosleepd@workers -n 30 -o cat)"
+killed=$(inside journalctl -u autosleepd@workers -o cat | grep -E "SIGKILL|Killing process|stop-sigterm' timed out|left-over" || true)
+[ -z "$killed" ] || fail "systemd had to kill processes of autosleepd@workers: $killed"
+[ "$(show autosleepd@workers Result)" = success ] || fail "autosleepd@workers stopped with result $(show autosleepd@workers Result)"
+say "systemctl stop autosleepd@workers: success, every process exited on SIGTERM (no SIGKILL in the journal)"
+# A restart (how settings are applied: there is no reload) replaces the owner and its workers.
+inside systemctl start autosleepd@workers
+before=$(show autosleepd@workers MainPID)
+reload=$(inside systemctl reload autosleepd@workers 2>&1) && fail "systemctl reload succeeded, but autosleepd has no reload"
+started=$SECONDS
+inside systemctl restart autosleepd@workers
+after=$(show autosleepd@workers MainPID)
+procs=$(unit_processes autosleepd@workers)
+[ "$after" != "$before" ] && [ "$procs" = 2 ] || fail "after a restart: MainPID $before -> $after, $procs processes"
+inside curl -sf -o /dev/null http://127.0.0.1:8082/v1/completions -H 'Content-Type: application/json' \
+    -d '{"model": "model", "prompt": "x", "max_tokens": 1}' || fail "autosleepd@workers does not serve after a restart"
+say "systemctl restart autosleepd@workers: $((SECONDS - started))s, owner $before -> $after with its worker, serving; systemctl reload is refused (${reload##*: })"
+inside systemctl stop autosleepd@workers
 say "PASS"

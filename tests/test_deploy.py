@@ -128,6 +128,9 @@ def test_compose_keeps_vllm_internal_and_points_each_sidecar_at_its_engine(name:
         # period that covers the 30 s drain, the token from its env file, not interpolation.
         assert "pid" not in sidecar and "ipc" not in sidecar
         assert _seconds(sidecar["stop_grace_period"]) > 30
+        # An init as PID 1 reaps what is orphaned in the container; autosleepd as PID 1 would
+        # leave it <defunct> (make integration kills a worker and orphans a process to see it).
+        assert sidecar.get("init") is True
         assert sidecar["env_file"] == "autosleepd.env"
         assert "AUTOSLEEPD_ADMIN_TOKEN" not in _env(sidecar)
         assert not sidecar["image"].endswith(":latest")

@@ -9,6 +9,8 @@ parser only follows them to find the answer's end.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -50,6 +52,7 @@ class Upstream:
         else:
             self.host_header, self.prefix = b"localhost", b""
         self._idle: list[UpstreamConnection] = []
+        self._lookup: asyncio.Future | None = None   # the lookup of host in progress, shared
 
     def idle(self) -> "UpstreamConnection | None":
         """An idle connection young enough to trust: older ones are closed here, lazily (the
@@ -68,14 +71,42 @@ class Upstream:
         if connection is not None:
             return connection
         loop = asyncio.get_running_loop()
-        if self.unix_path is not None:
-            opening = loop.create_unix_connection(lambda: UpstreamConnection(self), self.unix_path)
-        else:
-            opening = loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
-                                             ssl=self.ssl)
         async with asyncio.timeout(self.connect_timeout):
-            _, connection = await opening
-        return connection
+            if self.unix_path is not None:
+                _, connection = await loop.create_unix_connection(lambda: UpstreamConnection(self),
+                                                                  self.unix_path)
+                return connection
+            failures = []
+            for address in await self._addresses():   # in the resolver's order, as asyncio does
+                try:
+                    _, connection = await loop.create_connection(
+                        lambda: UpstreamConnection(self), address[0], address[1], ssl=self.ssl,
+                        server_hostname=self.host if self.ssl else None)
+                    return connection
+                except OSError as error:
+                    failures.append(error)
+            raise failures[0]
+
+    async def _addresses(self) -> list:
+        """The host's addresses, looked up once at a time: connects that need them meanwhile
+        share the lookup. A lookup can hang (Docker's DNS for a stopped engine container, where
+        no DNS server answers, fails it after 10 s) and holds a resolver thread all along, which
+        no timeout gives back: one per waiting request took every thread, and the connects of
+        every other engine waited behind them (found by integration)."""
+        if _numeric(self.host):
+            return [(self.host, self.port)]
+        lookup = self._lookup
+        if lookup is None:
+            lookup = self._lookup = asyncio.ensure_future(asyncio.get_running_loop().getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM))
+            lookup.add_done_callback(self._looked_up)
+        infos = await asyncio.shield(lookup)   # a connect timing out leaves it to the others
+        return [info[4] for info in infos]
+
+    def _looked_up(self, lookup: asyncio.Future) -> None:
+        self._lookup = None   # the next connect looks again: engines move (a container restarted)
+        if not lookup.cancelled():
+            lookup.exception()   # seen here: a failure is each waiting connect's to report
 
     def put_back(self, connection: "UpstreamConnection") -> None:
         connection.pause_reading(False)   # a slow client may have paused it
@@ -90,6 +121,14 @@ class Upstream:
         for connection in self._idle:
             connection.close()
         self._idle.clear()
+
+
+def _numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class UpstreamConnection(asyncio.Protocol):

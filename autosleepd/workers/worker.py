@@ -21,7 +21,7 @@ import sys
 import structlog
 
 from .. import log
-from ..cli.main import loop_factory
+from ..cli.main import exit_now, loop_factory
 from ..config import Config
 from ..heap import HeapTrimmer
 from ..host import Host
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
     worker = Worker(config, [int(fd) for fd in argv[0].split(",")],
                     [int(fd) for fd in argv[1].split(",")], link_fd, slot, slots, argv[5])
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
-        return runner.run(worker.run())
+        exit_now(runner.run(worker.run()))   # without waiting for a hung DNS lookup, as the owner
 
 
 if __name__ == "__main__":
