@@ -16,8 +16,10 @@ engine's own count (vllm:generation_tokens_total on /metrics, read at the window
 given beside the client's. For each phase: autosleepd's CPU, the load generator's busiest
 process, and vLLM's busiest processes.
 
-Checks: each autosleepd side at least 0.95x the direct token rate (medians over the rounds); no
-failed stream; the load generator below 90% of a core per process.
+Checks: autosleepd as it runs by default (one process) at least 0.95x the direct token rate
+(medians over the rounds); no failed stream; the load generator below 90% of a core per process.
+The worker processes' ratio is reported beside it, not checked: it is what the default's choice
+rests on.
 
     python3 bench/gpu_streams.py               # on the GPU machine (see bench/gpu_e2e.py, README)
     python3 bench/gpu_streams.py --sim         # the same flow against the simulator, here
@@ -362,11 +364,10 @@ def main() -> int:
                                    if got["engine_tokens_per_s"] and base["engine_tokens_per_s"] else None)
         failed = sum(r["failed_streams"] for r in results["phases"])
         busiest = max(r["client_busiest_core"] for r in results["phases"])
+        ratio = results["sides"]["autosleepd"]["ratio"]
         results["checks"] = [
-            {"check": f"{name}: token rate / direct >= {RATIO_GOAL}", "value": got["ratio"],
-             "met": got["ratio"] >= RATIO_GOAL}
-            for name, got in results["sides"].items() if name != "direct"]
-        results["checks"] += [
+            {"check": f"autosleepd (1 process, the default): token rate / direct >= {RATIO_GOAL}",
+             "value": ratio, "met": ratio >= RATIO_GOAL},
             {"check": "failed streams", "value": failed, "met": failed == 0},
             {"check": f"busiest load-generator process < {CLIENT_CORE_LIMIT} core", "value": busiest,
              "met": busiest < CLIENT_CORE_LIMIT},
