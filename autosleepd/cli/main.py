@@ -55,7 +55,9 @@ def exit_now(code: int) -> NoReturn:
     DNS lookup still in a resolver thread, which nothing can cancel: where the engine's name
     does not resolve and no DNS server answers (Docker's DNS on a stopped engine's container,
     on a host without a reachable resolver) one lasts 10 s, and `docker stop` took that much
-    longer after autosleepd had logged "stopped" (found by integration)."""
+    longer after autosleepd had logged "stopped" (found by integration). os._exit runs no exit
+    handlers, so the lines still queued for the log go out first."""
+    log.drain()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
