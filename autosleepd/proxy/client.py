@@ -134,7 +134,6 @@ class ClientConnection(asyncio.Protocol):
     def idle(self) -> bool:
         return not self._queue and self._parsing is None
 
-
     # ----- the parser's callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:

@@ -314,7 +314,6 @@ class Relay:
             return False
         return any(address in network for network in self._trusted)
 
-
     async def finish(self, timeout: float) -> None:
         """At shutdown, once work has drained: answers still in progress (passive ones) get
         ``timeout`` to end, then every connection both ways is closed."""
@@ -519,7 +518,7 @@ class Relay:
                     if gate is not None:
                         gate.engine_unreachable(repr(error))
                     if not work:   # passive requests are never held: answer now
-                        self._error(exchange, 502, f"the engine at {self.config.upstream} is not "
+                        self._error(exchange, 502, f"the engine at {target.upstream.name} is not "
                                     "reachable", "bad_gateway", "engine_unavailable", 5)
                         return
                     # Nothing reached the engine, so the request is held again until it is back.

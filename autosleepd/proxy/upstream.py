@@ -41,6 +41,7 @@ class Upstream:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self.unix_path = unix_path
+        self.name = url or unix_path   # where it is, for messages
         self.ssl = None
         if url is not None:
             parts = urlsplit(url)
