@@ -106,6 +106,17 @@ async def test_engine_connections_are_kept_alive_and_dropped_once_too_old(make_p
     engine.server.close()
 
 
+async def stops_growing(read, steady: int = 10, step: float = 0.05, timeout: float = 20) -> int:
+    """``read()`` once it gave the same value ``steady`` polls in a row (within ``timeout``)."""
+    async with asyncio.timeout(timeout):
+        last, same = read(), 0
+        while same < steady:
+            await asyncio.sleep(step)
+            now = read()
+            same, last = (same + 1 if now == last else 0), now
+    return last
+
+
 async def test_a_client_that_does_not_read_stops_the_engine_s_answer_not_autosleepd_s_memory(
         make_proxy):
     engine = Engine(size=256 * 2**20)
@@ -113,8 +124,7 @@ async def test_a_client_that_does_not_read_stops_the_engine_s_answer_not_autosle
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
     await eventually(lambda: engine.written > 0)
-    await asyncio.sleep(0.5)   # the client reads nothing for a while
-    stalled_at = engine.written
+    stalled_at = await stops_growing(lambda: engine.written)   # the client reads nothing
     assert stalled_at < 64 * 2**20, "the engine's answer went on while nobody read it"
     received = 0
     while not engine.finished.is_set() or received < engine.size:

@@ -17,7 +17,7 @@ import time
 
 import aiohttp
 
-from autosleepd.workers.shared import SharedAdmission
+from autosleepd.workers.shared import LINE, SharedAdmission
 
 from .conftest import completion
 
@@ -125,9 +125,9 @@ async def test_the_race_catches_a_gate_that_does_not_count_in_flight_work(make_s
 async def test_a_worker_killed_inside_its_admission_lock_does_not_block_the_owner():
     shared = SharedAdmission.create(WORKERS)
     shared.set_open(True)
-    code = ("import fcntl, sys, time; fcntl.lockf(int(sys.argv[1]), fcntl.LOCK_EX, 1, 64); "
-            "print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(shared.fd)], pass_fds=(shared.fd,),
+    code = ("import fcntl, sys, time; fcntl.lockf(int(sys.argv[1]), fcntl.LOCK_EX, 1, int(sys.argv[2])); "
+            "print('locked', flush=True); time.sleep(60)")   # worker 0's lock: its line's first byte
+    holder = subprocess.Popen([sys.executable, "-c", code, str(shared.fd), str(LINE)], pass_fds=(shared.fd,),
                               stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"locked\n"

@@ -100,8 +100,12 @@ class SharedAdmission:
     def open(self) -> bool:
         return _WORD.unpack_from(self._map, 0)[0] == OPEN
 
+    def counted(self, slot: int) -> int:
+        """Requests worker ``slot`` has in flight."""
+        return _WORD.unpack_from(self._map, LINE * (slot + 1))[0]
+
     def in_flight(self) -> int:
-        return sum(_WORD.unpack_from(self._map, LINE * (slot + 1))[0] for slot in range(self.slots))
+        return sum(self.counted(slot) for slot in range(self.slots))
 
     def last_activity(self) -> float:
         """The latest end of work in any worker, in ``time.monotonic()`` seconds (0 if none)."""
