@@ -39,9 +39,11 @@ RECEIVE_BUFFER = 16 * 1024
 
 @web.middleware
 async def _client_address(request: web.Request, handler):
-    """Only the relay reaches the own-endpoint socket, and it puts the client's address last."""
+    """Only the relay reaches the own-endpoint socket: it puts the client's address last in
+    X-Forwarded-For, and the host the client asked for in X-Forwarded-Host."""
     forwarded = request.headers.get("X-Forwarded-For", "")
-    return await handler(request.clone(remote=forwarded.rpartition(",")[2].strip() or None))
+    return await handler(request.clone(remote=forwarded.rpartition(",")[2].strip() or None,
+                                       host=request.headers.get("X-Forwarded-Host", request.host)))
 
 
 class StartError(Exception):

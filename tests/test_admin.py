@@ -89,13 +89,17 @@ async def test_a_page_of_another_site_cannot_order_a_sleep_through_a_browser_on_
     sim = await make_sim()
     server = await make_proxy(sim.url)   # no token: loopback clients may order
     for headers in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
-                    {"Origin": "null"}):
+                    {"Origin": "null"}, {"Origin": "http://localhost"}):
         async with http.post(server.url + "/autosleepd/sleep", headers=headers) as response:
             assert response.status == 403, headers
             assert (await response.json())["error"]["code"] == "cross_site"
     assert sim.stats.calls["/sleep"] == 0
     same_origin = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}   # the live page
     async with http.post(server.url + "/autosleepd/sleep", headers=same_origin) as response:
+        assert response.status == 200
+    async with http.post(server.url + "/autosleepd/wake", headers={"Origin": server.url}) as response:
+        assert response.status == 200   # a browser without fetch metadata: its origin is ours
+    async with http.post(server.url + "/autosleepd/sleep") as response:
         assert response.status == 200
     async with http.post(server.url + "/autosleepd/wake") as response:   # curl sends no Origin
         assert response.status == 200
