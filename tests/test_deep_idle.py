@@ -239,6 +239,17 @@ async def test_a_stop_command_that_fails_leaves_the_engine_asleep_and_is_retried
     assert r.restarts() == 0
 
 
+async def test_an_engine_woken_behind_our_back_while_it_stops_is_followed_at_once(rig, http):
+    wake = (f"{sys.executable} -c \"import os, urllib.request; urllib.request.urlopen("
+            "urllib.request.Request(os.environ['AUTOSLEEPD_ENGINE_URL'] + '/wake_up', method='POST'))\"")
+    r = await rig(ladder="5m:1,1h:stop", stop=wake)          # exits 0, and the engine is awake
+    s = r.supervisor
+    await r.idle_until(3600, lambda: s.state is State.AWAKE, "found awake, not waiting out the stop")
+    assert r.launcher.engine.listening and not r.launcher.engine.sleeping
+    status, _, _ = await r.ask(http)
+    assert status == 200 and r.restarts() == 0
+
+
 async def test_an_engine_started_by_hand_while_stopped_is_followed_not_restarted(rig, http):
     r = await rig(ladder="5m:1,1h:stop")
     s = r.supervisor
@@ -581,3 +592,13 @@ async def test_a_start_command_that_leaves_a_child_running_is_done_when_its_shel
         if pid_file.exists():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid_file.read_text()), 9)
+
+
+async def test_a_secret_across_the_cut_of_a_command_s_output_is_masked_whole():
+    from autosleepd.control.restart import OUTPUT_KEPT, run_command
+    secret = "sk-verysecretkey"
+    # the secret, then enough after it that the last OUTPUT_KEPT characters start inside it
+    result = await run_command(f"printf %s {secret}; head -c {OUTPUT_KEPT - 5} /dev/zero | tr '\\0' x",
+                               10, secrets=(secret,))
+    assert result.exit_status == 0 and len(result.output) <= OUTPUT_KEPT
+    assert "tkey" not in result.output and result.output.endswith("x" * 100)

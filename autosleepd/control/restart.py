@@ -55,8 +55,9 @@ async def run_command(command: str, timeout: float, secrets=(), env=None) -> Com
             await asyncio.shield(_kill(process))
             raise
         output.seek(max(0, os.fstat(output.fileno()).st_size - 4 * OUTPUT_KEPT))
-        text = output.read().decode(errors="replace")[-OUTPUT_KEPT:]
-    return CommandResult(process.returncode, mask(text, secrets))
+        text = output.read().decode(errors="replace")
+    # Masked before it is cut: a secret across the cut would show its tail.
+    return CommandResult(process.returncode, mask(text, secrets)[-OUTPUT_KEPT:])
 
 
 async def _kill(process) -> None:

@@ -74,10 +74,13 @@ async def stop_engine(owner) -> Outcome:
                 + ", but the engine is gone")
             return Outcome(Event.ENGINE_STOPPED, detail, seconds=clock.now() - started,
                            exit_status=result.exit_status)
-        if result.exit_status != 0 or clock.now() >= deadline:
+        # Found awake: woken behind our back, so it is not stopping; followed at once (the
+        # work held meanwhile must not wait out the stop's timeout).
+        if result.exit_status != 0 or found is False or clock.now() >= deadline:
             why = (_failed(result, "AUTOSLEEPD_ENGINE_STOP_COMMAND", config.engine_stop_timeout)
                    if result.exit_status != 0 else
-                   f"the engine still answers {config.engine_stop_timeout:g}s after "
+                   "the engine answers awake after AUTOSLEEPD_ENGINE_STOP_COMMAND" if found is False
+                   else f"the engine still answers {config.engine_stop_timeout:g}s after "
                    "AUTOSLEEPD_ENGINE_STOP_COMMAND")
             if found is False:
                 return Outcome(Event.FOUND_AWAKE, why, exit_status=result.exit_status)
