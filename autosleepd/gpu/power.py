@@ -97,13 +97,13 @@ class PowerMeter(Observer):
         try:
             gpus, pids = await self._guard.read()
         except GpuUnavailable:
-            return
+            return self._unread()
         if transitions != self._transitions:
             return   # the state changed during the reading: it may show either; run() reads again
         mine = self._guard.engine_gpus(gpus, pids)
         draws = {g.uuid: g.power_watts for g in mine if g.power_watts is not None}
         if not draws:
-            return
+            return self._unread()
         counters = [g.energy_joules for g in mine]
         counter = sum(counters) if all(c is not None for c in counters) else None
         now = self._clock.now()
@@ -117,6 +117,13 @@ class PowerMeter(Observer):
         if (self._state is State.AWAKE and self._idle_seconds() >= AWAKE_IDLE_SETTLE
                 and now - self._state_since >= AWAKE_IDLE_SETTLE):   # not the check after a wake
             self._idle_draws.append(self._watts)
+
+    def _unread(self) -> None:
+        """No draw read. Before any was (a MIG slice, a VM that refuses power readings), the time
+        so far can never be counted: its segments are let go, not kept for ever."""
+        if self._watts is None:
+            self._segments = []
+            self._since = self._clock.now()
 
     def _count(self, segments: list[tuple[State, float]], watts: float,
                counter: float | None) -> None:
