@@ -101,11 +101,10 @@ class StreamClient(asyncio.Protocol):
 
 
 async def run(url: str, connections: int, seconds: float, max_tokens: int,
-              path: str = "/v1/completions", model: str = "sim-model", extra: dict | None = None,
-              ttft_samples: bool = False) -> dict:
+              path: str = "/v1/completions", model: str = "sim-model") -> dict:
     loop = asyncio.get_running_loop()
     parts = urlsplit(url)
-    request = request_bytes(parts.netloc, path, max_tokens, model, extra)
+    request = request_bytes(parts.netloc, path, max_tokens, model)
     totals = Totals(time.monotonic() + seconds)
     finished = []
     started = time.perf_counter()
@@ -124,8 +123,7 @@ async def run(url: str, connections: int, seconds: float, max_tokens: int,
             "token_coalesced_share": round(totals.reads_with_several_tokens / max(1, totals.reads), 4),
             "bad_status": totals.bad_status, "cut_streams": totals.cut,
             "ttft_p50_ms": round(1000 * ttft[len(ttft) // 2], 3) if ttft else None,
-            "ttft_p90_ms": round(1000 * ttft[int(len(ttft) * 0.9)], 3) if ttft else None,
-            **({"ttft_s": ttft} if ttft_samples else {})}
+            "ttft_p90_ms": round(1000 * ttft[int(len(ttft) * 0.9)], 3) if ttft else None}
 
 
 async def run_steady(url: str, connections: int, start_at: float, stagger: float,
